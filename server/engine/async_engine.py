@@ -1,0 +1,161 @@
+"""The engine behind the API server: the engine core runs in one background thread; coroutines add
+requests, stream their outputs through per-request asyncio queues, and abort them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from kvsplice.model_source import served_name
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import EngineStats, LLMEngine
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None) -> None:
+        self.engine = LLMEngine(config, model, tokenizer)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = served_name(config.model)
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.Queue = queue.Queue()  # (kind, payload) from the event loop to the thread
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = self.engine.stats()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._crashed: BaseException | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kvsplice-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._crashed is None
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they are produced; the last one has finished=True.
+        Leaving the loop early (client gone, cancellation) aborts the request and frees its blocks."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        accepted: asyncio.Future = loop.create_future()
+        self._streams[request_id] = (loop, stream)
+        self._commands.put(("add", (request_id, prompt, params, accepted)))
+        finished = False
+        try:
+            await accepted  # ValueError from validation surfaces here, before anything is yielded
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(block=not self.engine.has_unfinished())
+                for out in self.engine.step():
+                    self._deliver(out)
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # noqa: BLE001 - report to every waiting request, then die
+            log.exception("engine loop crashed")
+            self._crashed = exc
+            for request_id in list(self._streams):
+                self._deliver_error(request_id, EngineDeadError(f"engine loop crashed: {exc}"))
+        finally:
+            for request_id in list(self.engine.seqs):
+                out = self.engine.abort(request_id)
+                if out is not None:
+                    self._deliver(out)
+            self._stats = self.engine.stats()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, payload) -> None:
+        if kind == "abort":
+            out = self.engine.abort(payload)
+            if out is not None:
+                self._deliver(out)
+            return
+        request_id, prompt, params, accepted = payload
+        try:
+            self.engine.add_request(request_id, prompt, params)
+            self._resolve(request_id, accepted, None)
+        except ValueError as exc:
+            self._resolve(request_id, accepted, exc)
+        self._stats = self.engine.stats()
+
+    def _resolve(self, request_id: str, future: asyncio.Future, error: Exception | None) -> None:
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        loop = entry[0]
+
+        def settle() -> None:
+            if future.done():
+                return
+            future.set_exception(error) if error else future.set_result(None)
+
+        loop.call_soon_threadsafe(settle)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        entry = self._streams.get(out.request_id)
+        if entry is not None:
+            loop, stream = entry
+            loop.call_soon_threadsafe(stream.put_nowait, out)
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, stream = entry
+            loop.call_soon_threadsafe(stream.put_nowait, error)

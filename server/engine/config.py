@@ -1,0 +1,22 @@
+"""Engine settings: what to load, how much KV memory to use, how to batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str = "builtin"  # hub id, local path, or "builtin" (the model shipped with the package)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    compression_ratio: float = 1.0  # fraction of the kv_lora_rank latent dims stored; 1.0 = plain MLA
+    splice_file: str | None = None  # calibrated splices (safetensors); None: initialise with `splice_init`
+    splice_init: str = "truncate"  # used only without splice_file: truncate | orthogonal
+    kv_cache_bytes: int | None = None  # KV budget in bytes; wins over the fraction when set
+    kv_cache_memory_fraction: float = 0.5  # of free device memory (CUDA) or of available RAM (CPU)
+    block_size: int = 16
+    max_num_seqs: int = 64  # running sequences at most
+    max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step at most
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
+    trust_remote_code: bool = False
+    seed: int = 0

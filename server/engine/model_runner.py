@@ -1,0 +1,131 @@
+"""Loads the model through transformers and runs one flattened batch step over the paged cache.
+
+Everything but attention is transformers' own modules (embedding, RMSNorms, dense MLP / MoE,
+lm_head); each layer's attention is replaced by `PagedMLAAttention`, which reads and writes the
+cache of stored codes.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from kvsplice.cache_size import get_kv_cache_size
+from kvsplice.model_source import load_pretrained
+from kvsplice.patch import find_mla_layers, make_splices
+from kvsplice.storage import load_splices
+from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
+from server.engine.kv_budget import plan_num_blocks
+from server.engine.mla_attention import AttentionMetadata, PagedMLAAttention
+from server.engine.scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if model is None:
+            model, tokenizer = load_pretrained(config.model, self.dtype, str(self.device), config.trust_remote_code)
+        self.model, self.tokenizer = model, tokenizer
+        self.hf_config = model.config
+        splices = self._splices()
+        self.attention = [PagedMLAAttention(attn, s) for attn, s in zip(find_mla_layers(model), splices)]
+        self.code_dim = self.attention[0].code_dim
+        self.cache_size = get_kv_cache_size(self.hf_config, compression_ratio=config.compression_ratio, dtype=self.dtype)
+        self.kv_cache: Tensor | None = None
+
+    def _splices(self) -> list:
+        """Per-layer splices (or None each at ratio 1.0), on the model's device and dtype."""
+        cfg = self.config
+        if cfg.splice_file:
+            splices = load_splices(cfg.splice_file, self.model)
+            if abs(splices[0].compression_ratio - cfg.compression_ratio) > 1e-9:
+                raise ValueError(
+                    f"splice_file {cfg.splice_file} has compression_ratio {splices[0].compression_ratio}, "
+                    f"the engine is set to {cfg.compression_ratio}"
+                )
+        elif cfg.compression_ratio == 1.0:
+            return [None] * self.hf_config.num_hidden_layers
+        else:
+            splices = make_splices(self.hf_config, cfg.compression_ratio, cfg.splice_init, seed=cfg.seed)
+        return [s.to(device=self.device, dtype=self.dtype).eval() for s in splices]
+
+    @property
+    def kv_dim(self) -> int:
+        return self.code_dim + self.hf_config.qk_rope_head_dim
+
+    def allocate_kv_cache(self, max_tokens_needed: int) -> BlockManager:
+        """Size the cache from the KV budget and allocate one tensor for all layers."""
+        num_blocks = plan_num_blocks(self.config, self.cache_size.bytes_per_token, self.device, max_tokens_needed)
+        shape = (self.hf_config.num_hidden_layers, num_blocks, self.config.block_size, self.kv_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return BlockManager(num_blocks, self.config.block_size)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def prepare(self, batch: list[ScheduledSeq], block_size: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Flatten the scheduled tokens into (input_ids, positions, attention metadata)."""
+        ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            ids.extend(seq.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            query_lens.append(item.num_tokens)
+            context_lens.append(end)
+        max_blocks = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
+        starts = [sum(query_lens[:i]) for i in decode]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            query_lens=query_lens,
+            context_lens_list=context_lens,
+            decode_seqs=torch.tensor(decode, dtype=torch.long, device=dev),
+            decode_tokens=torch.tensor(starts, dtype=torch.long, device=dev),
+            prefill_seqs=[i for i, n in enumerate(query_lens) if n > 1],
+            max_decode_context=max((context_lens[i] for i in decode), default=0),
+        )
+        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
+        """Final-norm hidden states [T, hidden] of the flattened batch (the cache is updated)."""
+        inner = self.model.model
+        h = inner.embed_tokens(input_ids)
+        freqs_cis = inner.rotary_emb(h, position_ids=positions[None])
+        for i, layer in enumerate(inner.layers):
+            residual = h
+            h = self.attention[i](layer.input_layernorm(h), freqs_cis, self.kv_cache[i], meta)
+            h = residual + h
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        return inner.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(hidden).float()
