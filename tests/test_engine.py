@@ -1,0 +1,173 @@
+"""The paged engine against transformers on the small checkpoints, and its scheduling behaviour."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvsplice import get_kv_cache_size, get_splices, patch_model_with_kvsplice, pca_splices, collect_latents, save_splices
+from server.engine.config import EngineConfig
+from server.engine.llm import LLM
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from tests.model_fixtures import load
+
+PROMPTS = [
+    "To be, or not to be",
+    "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds",
+    "O",
+    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. The evil that men do lives after them.",
+]
+NEW_TOKENS = 32
+TOP = 5
+
+
+@torch.no_grad()
+def transformers_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with transformers' own forward and cache: tokens and each step's log-probs."""
+    cache = DynamicCache(config=model.config)
+    logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+    tokens, steps = [], []
+    for _ in range(n):
+        steps.append(logits.float().log_softmax(-1))
+        tokens.append(int(logits.argmax()))
+        logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return tokens, steps
+
+
+def run_engine(engine: LLMEngine, prompts, params: SamplingParams) -> dict:
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    return outs
+
+
+def greedy(n: int = NEW_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=TOP, **kw)
+
+
+def assert_matches_transformers(outs: dict, model, tokenizer) -> None:
+    for i, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_steps = transformers_greedy(model, tokenizer.encode(prompt), NEW_TOKENS)
+        out = outs[str(i)]
+        assert out.token_ids == ref_tokens, f"prompt {i}"
+        for record, ref in zip(out.logprobs, ref_steps):
+            values, ids = ref.topk(TOP)
+            assert [t for t, _ in record.top] == ids.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in record.top]), values, rtol=0, atol=2e-4)
+
+
+def test_ratio_one_matches_transformers_generate(variant_model):
+    _, path, model, tokenizer = variant_model
+    engine = LLMEngine(EngineConfig(model=path, kv_cache_bytes=4 << 20, max_num_batched_tokens=64))
+    outs = run_engine(engine, PROMPTS, greedy())
+    assert all(o.finish_reason == "length" and len(o.token_ids) == NEW_TOKENS for o in outs.values())
+    assert_matches_transformers(outs, model, tokenizer)
+
+
+def test_half_ratio_matches_patched_transformers(variant_model, tmp_path):
+    _, path, model, tokenizer = variant_model
+    batches = [torch.tensor([tokenizer.encode(p)]) for p in PROMPTS]
+    splices = pca_splices(collect_latents(model, batches), 0.5)
+    splice_file = save_splices(tmp_path / "s.safetensors", splices, model)
+    engine = LLMEngine(EngineConfig(model=path, compression_ratio=0.5, splice_file=str(splice_file),
+                                    kv_cache_bytes=4 << 20))
+    outs = run_engine(engine, PROMPTS, greedy())
+    patch_model_with_kvsplice(model, splices=splices)
+    assert get_splices(model)[0].rank == model.config.kv_lora_rank // 2
+    assert_matches_transformers(outs, model, tokenizer)
+
+
+def test_preemption_keeps_greedy_output_and_frees_blocks(checkpoint_dirs):
+    path = checkpoint_dirs["lite"]
+    prompts = PROMPTS * 2
+    params = greedy(24)
+    free = run_engine(LLMEngine(EngineConfig(model=path, kv_cache_bytes=8 << 20)), prompts, params)
+    # 12 blocks of 16 tokens: every request fits alone, the batch (~36 blocks) does not.
+    per_token = get_kv_cache_size(load(path)[0].config, dtype=torch.float32).bytes_per_token
+    tight_engine = LLMEngine(EngineConfig(model=path, kv_cache_bytes=12 * 16 * per_token, block_size=16))
+    tight = run_engine(tight_engine, prompts, params)
+    stats = tight_engine.stats()
+    assert stats.num_preemptions_total > 0
+    assert {k: v.token_ids for k, v in tight.items()} == {k: v.token_ids for k, v in free.items()}
+    assert stats.num_blocks_free == stats.num_blocks_total and stats.kv_bytes_in_use == 0
+
+
+@pytest.mark.parametrize("budget", [3 << 20, 10_000_000])
+def test_capacity_ratio_follows_bytes_per_token(checkpoint_dirs, budget):
+    path = checkpoint_dirs["lite"]
+    cap = {r: LLMEngine(EngineConfig(model=path, compression_ratio=r, kv_cache_bytes=budget)).stats()
+           for r in (1.0, 0.5)}
+    model, _ = load(path)
+    cfg = model.config
+    expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) / (cfg.kv_lora_rank // 2 + cfg.qk_rope_head_dim)
+    ratio = cap[0.5].kv_capacity_tokens / cap[1.0].kv_capacity_tokens
+    block = 16 / cap[1.0].kv_capacity_tokens  # one block of rounding on either side
+    assert abs(ratio - expected) <= expected * 2 * block + 1e-9
+    assert cap[0.5].kv_bytes_per_token * cap[1.0].kv_capacity_tokens <= budget
+
+
+def test_v2_lite_shape_capacity_ratio_is_576_over_320():
+    from kvsplice.cache_size import get_kv_cache_size
+    from kvsplice.model_source import load_config
+    from server.engine.kv_budget import plan_num_blocks
+
+    cfg = load_config("deepseek-v2-lite")
+    budget = 40 << 30
+    blocks = {}
+    for r in (1.0, 0.5):
+        per_token = get_kv_cache_size(cfg, compression_ratio=r).bytes_per_token
+        blocks[r] = plan_num_blocks(EngineConfig(kv_cache_bytes=budget, block_size=64), per_token, torch.device("cpu"), 0)
+    assert abs(blocks[0.5] / blocks[1.0] - 576 / 320) < 2 / blocks[1.0]
+
+
+def test_abort_frees_blocks(checkpoint_dirs):
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=4 << 20))
+    engine.add_request("a", PROMPTS[1], greedy(200))
+    engine.add_request("b", PROMPTS[0], greedy(4))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().num_blocks_free < engine.stats().num_blocks_total
+    out = engine.abort("a")
+    assert out.finished and out.finish_reason == "abort"
+    while engine.has_unfinished():
+        engine.step()
+    stats = engine.stats()
+    assert stats.num_blocks_free == stats.num_blocks_total and stats.num_running == 0
+
+
+def test_stop_string_and_max_tokens(checkpoint_dirs):
+    llm = LLM(checkpoint_dirs["lite"], kv_cache_bytes=4 << 20)
+    base = llm.generate(PROMPTS[0], greedy(12))[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 12
+    stop = base.text[3:6]
+    assert stop.strip(), "the model's text should give a usable stop string"
+    cut = llm.generate(PROMPTS[0], greedy(12, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == base.text[: base.text.find(stop)]
+    stop_token = base.token_ids[5]
+    by_id = llm.generate(PROMPTS[0], greedy(12, stop_token_ids=[stop_token]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids[-1] == stop_token
+    assert by_id.token_ids == base.token_ids[: base.token_ids.index(stop_token) + 1]
+
+
+def test_seed_reproduces_sample(checkpoint_dirs):
+    llm = LLM(checkpoint_dirs["lite"], kv_cache_bytes=4 << 20)
+    params = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=s, ignore_eos=True)
+              for s in (7, 7, 8)]
+    a, b, c = llm.generate([PROMPTS[1]] * 3, params)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_request_that_cannot_fit_is_refused(checkpoint_dirs):
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=4 << 20, max_model_len=64))
+    with pytest.raises(ValueError, match="exceeds the maximum model length of 64"):
+        engine.add_request("x", PROMPTS[3], greedy(60))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request("y", "", greedy())
+    assert not engine.has_unfinished()
