@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # several GB. On a GPU host install the CUDA build of torch first and then `pip install -e .[gpu]`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test serve clean
+.PHONY: install tools test serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-test: install
+# Tools the tests drive for real: Prometheus/promtool (Debian), hadolint, the Kubernetes schema
+# validator, the compose-spec parser. Idempotent; apt needs root (it is root in CI).
+tools: install
+	bash scripts/ci-install-deploy-tools.sh
+
+test: install tools
 	$(BIN)/python -m pytest -q
 
 serve: install
