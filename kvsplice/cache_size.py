@@ -87,20 +87,24 @@ def measure_cache_bytes(cache) -> int:
     return total
 
 
-def format_breakdown(size: KVCacheSize) -> str:
-    """The table `kvsplice estimate` prints."""
+def format_breakdown(sizes: list[KVCacheSize]) -> str:
+    """The table `kvsplice estimate` prints: one column per compression ratio."""
     gib = 1024**3
+    base = sizes[0].bytes_per_token
     rows = [
-        ("layers", f"{size.num_layers}"),
-        ("latent dims (kv_lora_rank)", f"{size.latent_dim}"),
-        ("stored code dims", f"{size.code_dim}  (ratio {size.compression_ratio})"),
-        ("RoPE key dims (stored as is)", f"{size.rope_dim}"),
-        ("bytes per value", f"{size.dtype_bytes}"),
-        ("code bytes per token", f"{size.code_bytes_per_token:,}"),
-        ("RoPE bytes per token", f"{size.rope_bytes_per_token:,}"),
-        ("KV bytes per token", f"{size.bytes_per_token:,}"),
-        ("tokens (batch x seq_len)", f"{size.tokens:,}  ({size.batch_size} x {size.seq_len})"),
-        ("KV cache total", f"{size.total_bytes:,} bytes ({size.total_bytes / gib:.3f} GiB)"),
+        ("compression ratio", lambda s: f"{s.compression_ratio}"),
+        ("stored code dims (of kv_lora_rank)", lambda s: f"{s.code_dim} of {s.latent_dim}"),
+        ("RoPE key dims (stored as is)", lambda s: f"{s.rope_dim}"),
+        ("code bytes per token", lambda s: f"{s.code_bytes_per_token:,}"),
+        ("RoPE bytes per token", lambda s: f"{s.rope_bytes_per_token:,}"),
+        ("KV bytes per token", lambda s: f"{s.bytes_per_token:,}"),
+        (f"KV cache, {sizes[0].batch_size} x {sizes[0].seq_len} tokens", lambda s: f"{s.total_bytes / gib:,.3f} GiB"),
+        ("tokens per GiB vs first column", lambda s: f"{base / s.bytes_per_token:.2f}x"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    width = max(len(name) for name, _ in rows)
+    cols = [[cell(s) for s in sizes] for _, cell in rows]
+    col_width = max(len(c) for row in cols for c in row)
+    lines = [f"{name:<{width}}  " + "  ".join(f"{c:>{col_width}}" for c in row) for (name, _), row in zip(rows, cols)]
+    head = sizes[0]
+    lines.insert(0, f"{head.num_layers} layers, {head.dtype_bytes} bytes per value")
+    return "\n".join(lines)

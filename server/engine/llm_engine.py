@@ -45,6 +45,7 @@ class LLMEngine:
         hf = self.runner.hf_config
         self.max_model_len = config.max_model_len or min(hf.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
         self.blocks = self.runner.allocate_kv_cache(config.max_num_seqs * self.max_model_len)
+        self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
@@ -170,7 +171,8 @@ class LLMEngine:
         seq.times.first_token = seq.times.first_token or now
         seq.times.last_token = now
         self.generation_tokens_total += 1
-        seq.text += seq.detokenizer.push(token)
+        if seq.params.detokenize:
+            seq.text += seq.detokenizer.push(token)
         reason, stop = self._stop_reason(seq, token)
         if reason:
             seq.stop_reason = stop

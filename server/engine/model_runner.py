@@ -17,6 +17,7 @@ from kvsplice.patch import find_mla_layers, make_splices
 from kvsplice.storage import load_splices
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_budget import plan_num_blocks
 from server.engine.mla_attention import AttentionMetadata, PagedMLAAttention
 from server.engine.scheduler import ScheduledSeq
@@ -53,6 +54,7 @@ class ModelRunner:
         self.code_dim = self.attention[0].code_dim
         self.cache_size = get_kv_cache_size(self.hf_config, compression_ratio=config.compression_ratio, dtype=self.dtype)
         self.kv_cache: Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
 
     def _splices(self) -> list:
         """Per-layer splices (or None each at ratio 1.0), on the model's device and dtype."""
@@ -75,11 +77,20 @@ class ModelRunner:
         return self.code_dim + self.hf_config.qk_rope_head_dim
 
     def allocate_kv_cache(self, max_tokens_needed: int) -> BlockManager:
-        """Size the cache from the KV budget and allocate one tensor for all layers."""
+        """Size the cache from the KV budget and allocate one tensor for all layers. One extra block
+        that no sequence owns takes the writes of CUDA-graph padding rows."""
         num_blocks = plan_num_blocks(self.config, self.cache_size.bytes_per_token, self.device, max_tokens_needed)
-        shape = (self.hf_config.num_hidden_layers, num_blocks, self.config.block_size, self.kv_dim)
+        shape = (self.hf_config.num_hidden_layers, num_blocks + 1, self.config.block_size, self.kv_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return BlockManager(num_blocks, self.config.block_size)
+
+    def capture_decode_graphs(self, max_batch: int, max_context_len: int) -> None:
+        """On CUDA (unless disabled), capture the decode forward for batch sizes up to max_batch."""
+        if self.device.type != "cuda" or not self.config.cuda_graphs:
+            return
+        scratch_block = self.kv_cache.shape[1] - 1
+        self.graphs = DecodeGraphs(self.forward_eager, max_batch, max_context_len, self.config.block_size,
+                                   scratch_block, self.device)
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -112,9 +123,14 @@ class ModelRunner:
         )
         return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta
 
-    @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         """Final-norm hidden states [T, hidden] of the flattened batch (the cache is updated)."""
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        return self.forward_eager(input_ids, positions, meta)
+
+    @torch.inference_mode()
+    def forward_eager(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         inner = self.model.model
         h = inner.embed_tokens(input_ids)
         freqs_cis = inner.rotary_emb(h, position_ids=positions[None])

@@ -12,14 +12,15 @@ from server.engine.sequence import Sequence
 
 def sample(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (float32) for `seqs` in order -> (token ids, log-probability records)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+    want = [s.params.logprobs is not None for s in seqs]
+    logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None  # skipped on the common path
     logits = _block_early_stop(logits, seqs, eos_token_ids)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; the others are redrawn below
     for i, seq in enumerate(seqs):
         if not seq.params.greedy:
             tokens[i] = _draw(logits[i], seq)
     records = [
-        token_logprob(logprobs[i], tok, seq.params.logprobs) if seq.params.logprobs is not None else None
+        token_logprob(logprobs[i], tok, seq.params.logprobs) if want[i] else None
         for i, (seq, tok) in enumerate(zip(seqs, tokens))
     ]
     return tokens, records

@@ -22,6 +22,7 @@ class SamplingParams:
     # Same for the prompt tokens (OpenAI `echo` + `logprobs`); None: none.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (benchmarks on random weights); stop strings need it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +47,7 @@ class SamplingParams:
                 f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (self.detokenize or not self.stop, "stop strings need detokenize=True"),
         ]
         for ok, message in checks:
             if not ok:

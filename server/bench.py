@@ -1,0 +1,260 @@
+"""`kvsplice bench`: transformers `generate` and the engine at several compression ratios, side by
+side in one process on the same weights and workloads. Prints one table and writes JSON.
+
+On the CPU it runs the built-in model; on a GPU `--shape deepseek-v2-lite` builds that shape with
+random bf16 weights (speed and memory do not depend on the weight values).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvsplice.cli import positive_int, ratio_list
+from kvsplice.model_source import load_config, load_pretrained, resolve_model_path
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.model_runner import resolve_device
+from server.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Workload:
+    prompt_len: int
+    new_tokens: int
+    batch_sizes: list[int]
+
+    @classmethod
+    def parse(cls, text: str) -> "Workload":
+        """'PROMPT:NEW:B1,B2,...', e.g. '512:128:1,16,64'."""
+        try:
+            prompt, new, batches = text.split(":")
+            return cls(int(prompt), int(new), [int(b) for b in batches.split(",")])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected PROMPT:NEW:B1,B2,... (e.g. 512:128:1,16), got {text!r}")
+
+
+@dataclass
+class Row:
+    system: str  # "transformers" or "engine@<ratio>"
+    prompt_len: int
+    new_tokens: int
+    batch: int
+    seconds: float
+    output_tok_s: float
+    ttft_s: float
+    peak_mem_gib: float | None
+    kv_bytes_per_token: int | None
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer): a real checkpoint, or a shipped shape with seeded random weights."""
+    if args.shape is None:
+        return load_pretrained(args.model, dtype, str(device))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(args.shape)
+    torch.manual_seed(0)
+    kwargs = {"experts_implementation": "grouped_mm"} if device.type == "cuda" else {}
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs).eval()
+    # Token ids are random and never detokenized; the built-in tokenizer only supplies special ids.
+    return model, AutoTokenizer.from_pretrained(resolve_model_path("builtin"))
+
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (batch, length), generator=gen).tolist()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+@torch.inference_mode()
+def run_transformers(model, prompts: list[list[int]], new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """(seconds for the whole generate, seconds to the first token) with greedy decoding."""
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    sync(device)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    sync(device)
+    return time.perf_counter() - t0, ttft
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(seconds until every request finished, mean time to first token)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    t0 = time.time()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{i}", p, params)
+    first: dict[str, float] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            first.setdefault(out.request_id, out.times.first_token)
+    seconds = time.time() - t0
+    return seconds, sum(first.values()) / len(first) - t0
+
+
+def bench(args) -> list[Row]:
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = build_model(args, device, dtype)
+    vocab = model.config.vocab_size
+    rows: list[Row] = []
+    max_batch = max(b for w in args.workload for b in w.batch_sizes)
+    max_len = max(w.prompt_len + w.new_tokens for w in args.workload)
+    if not args.skip_transformers:
+        for w in args.workload:
+            for b in w.batch_sizes:
+                if b > args.transformers_max_batch:
+                    continue
+                prompts = random_prompts(vocab, b, w.prompt_len, seed=b)
+                run_transformers(model, prompts[:1], 2, device)  # warm-up
+                reset_peak(device)
+                seconds, ttft = run_transformers(model, prompts, w.new_tokens, device)
+                rows.append(Row("transformers", w.prompt_len, w.new_tokens, b, seconds, b * w.new_tokens / seconds,
+                                ttft, peak_gib(device), None))
+                print_row(rows[-1])
+    for ratio in args.ratios:
+        config = EngineConfig(
+            model=args.shape or args.model, device=str(device), compression_ratio=ratio,
+            kv_cache_bytes=args.kv_cache_bytes, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+            max_num_seqs=max_batch, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+            block_size=args.block_size,
+        )
+        engine = LLMEngine(config, model=model, tokenizer=tokenizer)
+        run_engine(engine, random_prompts(vocab, 2, 16, seed=0), 4)  # warm-up
+        for w in args.workload:
+            for b in w.batch_sizes:
+                reset_peak(device)
+                seconds, ttft = run_engine(engine, random_prompts(vocab, b, w.prompt_len, seed=b), w.new_tokens)
+                stats = engine.stats()
+                rows.append(Row(f"engine@{ratio}", w.prompt_len, w.new_tokens, b, seconds, b * w.new_tokens / seconds,
+                                ttft, peak_gib(device), stats.kv_bytes_per_token,
+                                {"kv_capacity_tokens": stats.kv_capacity_tokens,
+                                 "preemptions": stats.num_preemptions_total}))
+                print_row(rows[-1])
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_row(row: Row) -> None:
+    print(f"  {row.system:<14} prompt {row.prompt_len:>5} new {row.new_tokens:>4} batch {row.batch:>4}: "
+          f"{row.output_tok_s:>9.1f} tok/s  ttft {row.ttft_s:.3f}s", flush=True)
+
+
+def table(rows: list[Row], ratios: list[float]) -> str:
+    """One line per workload and batch: each system's tok/s, the engine/transformers and ratio ratios."""
+    systems = ["transformers"] + [f"engine@{r}" for r in ratios]
+    keyed = {(r.system, r.prompt_len, r.new_tokens, r.batch): r for r in rows}
+    shapes = sorted({(r.prompt_len, r.new_tokens, r.batch) for r in rows})
+    head = ["prompt", "new", "batch"] + [f"{s} tok/s" for s in systems] + [f"{s} ttft s" for s in systems[1:]]
+    head += ["KV B/token " + s for s in systems[1:]]
+    base = f"engine@{ratios[0]}"
+    comparisons = [(f"engine@{r}/transformers", f"engine@{r}", "transformers") for r in ratios]
+    comparisons += [(f"engine@{r}/{base}", f"engine@{r}", base) for r in ratios[1:]]
+    head += [name for name, _, _ in comparisons]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape in shapes:
+        get = lambda s: keyed.get((s, *shape))  # noqa: E731
+        cells = [str(v) for v in shape]
+        cells += [f"{get(s).output_tok_s:.1f}" if get(s) else "-" for s in systems]
+        cells += [f"{get(s).ttft_s:.3f}" if get(s) else "-" for s in systems[1:]]
+        cells += [f"{get(s).kv_bytes_per_token:,}" if get(s) else "-" for s in systems[1:]]
+        cells += [f"{get(a).output_tok_s / get(b).output_tok_s:.2f}x" if get(a) and get(b) else "-"
+                  for _, a, b in comparisons]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+           "cpu_count": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.shape is not None and args.model != "builtin":
+        raise SystemExit("kvsplice bench: give --model or --shape, not both")
+    args.workload = args.workload or [Workload(64, 32, [1, 8, 32])]
+    rows = bench(args)
+    device = resolve_device(args.device)
+    result = {"command": "kvsplice " + " ".join(sys.argv[1:]), "environment": environment(device), "ratios": args.ratios,
+              "rows": [asdict(r) for r in rows]}
+    print("\n" + table(rows, args.ratios))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="transformers generate vs the engine at several ratios, one process")
+    p.add_argument("--model", default="builtin", help="model path or hub id (default: the built-in model)")
+    p.add_argument("--shape", default=None, help="a shipped config (deepseek-v2-lite) built with random weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workload", type=Workload.parse, action="append",
+                   help="PROMPT:NEW:B1,B2,... (repeatable; default 64:32:1,8,32)")
+    p.add_argument("--ratios", type=ratio_list, default=[1.0, 0.5], help="engine compression ratios (1.0 first)")
+    p.add_argument("--kv-cache-bytes", type=positive_int, default=None)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.5)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--transformers-max-batch", type=positive_int, default=1 << 30,
+                   help="skip transformers rows above this batch (its generate is slow at large batch)")
+    p.add_argument("--out", default=None, help="write JSON here")
+    p.set_defaults(func=run, workload=None)
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m server.bench ...`: the same as `kvsplice bench`, without the server's dependencies
+    (the GPU machine has torch and transformers but not FastAPI)."""
+    parser = argparse.ArgumentParser(prog="kvsplice")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
