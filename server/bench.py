@@ -126,7 +126,7 @@ def bench(args) -> list[Row]:
     vocab = model.config.vocab_size
     rows: list[Row] = []
     max_batch = max(b for w in args.workload for b in w.batch_sizes)
-    max_len = max(w.prompt_len + w.new_tokens for w in args.workload)
+    max_len = max(w.prompt_len + w.new_tokens for w in args.workload) + 16  # room for the profile run
     if not args.skip_transformers:
         for w in args.workload:
             for b in w.batch_sizes:
@@ -158,11 +158,39 @@ def bench(args) -> list[Row]:
                                 {"kv_capacity_tokens": stats.kv_capacity_tokens,
                                  "preemptions": stats.num_preemptions_total}))
                 print_row(rows[-1])
+        if args.profile_batch:
+            profile_decode(engine, vocab, args.profile_batch, args.workload[0].prompt_len, device,
+                           args.out and Path(args.out).with_name(f"profile_engine_{ratio}.txt"))
         del engine
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def profile_decode(engine: LLMEngine, vocab: int, batch: int, prompt_len: int, device: torch.device,
+                   out_path: Path | None, steps: int = 8) -> None:
+    """Where a decode step's time goes: torch.profiler over `steps` steps once every request is
+    decoding; the table (by device time) is printed and saved next to the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(random_prompts(vocab, batch, prompt_len, seed=99)):
+        engine.add_request(f"profile-{i}", p, params)
+    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in engine.seqs.values()):
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+    while engine.has_unfinished():
+        engine.step()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    text = f"decode profile: batch {batch}, {steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=30)
+    print(text)
+    if out_path:
+        out_path.write_text(text)
 
 
 def print_row(row: Row) -> None:
@@ -215,13 +243,14 @@ def run(args: argparse.Namespace) -> int:
     if args.shape is not None and args.model != "builtin":
         raise SystemExit("kvsplice bench: give --model or --shape, not both")
     args.workload = args.workload or [Workload(64, 32, [1, 8, 32])]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = bench(args)
     device = resolve_device(args.device)
     result = {"command": "kvsplice " + " ".join(sys.argv[1:]), "environment": environment(device), "ratios": args.ratios,
               "rows": [asdict(r) for r in rows]}
     print("\n" + table(rows, args.ratios))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.out}")
     return 0
@@ -242,6 +271,8 @@ def register(subparsers) -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-max-batch", type=positive_int, default=1 << 30,
                    help="skip transformers rows above this batch (its generate is slow at large batch)")
+    p.add_argument("--profile-batch", type=positive_int, default=None,
+                   help="after the rows, profile decode steps at this batch for each ratio")
     p.add_argument("--out", default=None, help="write JSON here")
     p.set_defaults(func=run, workload=None)
 

@@ -7,6 +7,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from torch.profiler import record_function
+
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner
@@ -110,19 +112,23 @@ class LLMEngine:
     # -- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        with record_function("engine.schedule"):
+            batch = self.scheduler.schedule()
         if not batch:
             return []
         now = time.time()
         for item in batch:
             item.seq.times.first_scheduled = item.seq.times.first_scheduled or now
         try:
-            ids, positions, meta = self.runner.prepare(batch, self.blocks.block_size)
-            hidden = self.runner.forward(ids, positions, meta)
+            with record_function("engine.prepare"):
+                ids, positions, meta = self.runner.prepare(batch, self.blocks.block_size)
+            with record_function("engine.forward"):
+                hidden = self.runner.forward(ids, positions, meta)
         except Exception as exc:  # noqa: BLE001 - the batch cannot be attributed further; fail it, keep serving
             log.exception("model step failed")
             return [self.abort(i.seq.request_id, "error", f"engine step failed: {exc}") for i in batch]
-        return self._advance(batch, hidden)
+        with record_function("engine.sample_and_output"):
+            return self._advance(batch, hidden)
 
     def _advance(self, batch: list[ScheduledSeq], hidden) -> list[RequestOutput]:
         """Record progress, sample for sequences whose tokens are all computed, report them."""

@@ -35,8 +35,12 @@ class AttentionMetadata:
     context_lens_list: list[int]
     decode_seqs: Tensor  # [Bd] indices of sequences with one new token (absorbed path)
     decode_tokens: Tensor  # [Bd] their token rows in the flattened batch
-    prefill_seqs: list[int]  # sequences with several new tokens (expand + SDPA path)
+    prefill_seqs: list[int]  # sequences with several new tokens and earlier ones cached (chunked prefill)
     max_decode_context: int
+    # Sequences whose every token is new this step, padded to one batch for a single causal SDPA:
+    fresh_index: Tensor | None = None  # [Bf, Lmax] token rows (padding repeats row 0)
+    fresh_valid: Tensor | None = None  # [Bf, Lmax] bool, False on padding
+    fresh_rows: Tensor | None = None  # [Tf] token rows in the order of fresh_valid's True entries
 
 
 class PagedMLAAttention(nn.Module):
@@ -93,6 +97,8 @@ class PagedMLAAttention(nn.Module):
         if meta.decode_seqs.numel():
             rows = meta.decode_tokens
             out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, meta)
+        if meta.fresh_index is not None:
+            out[meta.fresh_rows] = self._prefill_fresh(q_nope, q_pe, code.to(kv_cache.dtype), k_pe, meta)
         starts = [0]
         for n in meta.query_lens:
             starts.append(starts[-1] + n)
@@ -100,6 +106,15 @@ class PagedMLAAttention(nn.Module):
             rows = slice(starts[i], starts[i + 1])
             out[rows] = self._prefill(q_nope[rows], q_pe[rows], kv_cache, meta, i)
         return self.attn.o_proj(out.reshape(x.shape[0], -1))
+
+    def _expand(self, z: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """Stored codes [..., L, r] and RoPE keys [..., L, rope] -> per-head K [..., H, L, nope+rope], V."""
+        k_nope = torch.einsum("...lr,hdr->...hld", z, self.w_uk)
+        v = torch.einsum("...lr,hvr->...hlv", z, self.w_uv)
+        if self.b_v is not None:
+            v = v + self.b_v[:, None, :]
+        k_rope = k_pe.unsqueeze(-3).expand(*k_nope.shape[:-1], -1)
+        return torch.cat([k_nope, k_rope], dim=-1), v
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, meta: AttentionMetadata) -> Tensor:
         """Absorbed attention for sequences with one new token: [Bd, H, v]."""
@@ -125,14 +140,19 @@ class PagedMLAAttention(nn.Module):
         block_size = kv_cache.shape[1]
         blocks = meta.block_tables[i, : -(-total // block_size)]
         stored = kv_cache[blocks].reshape(-1, kv_cache.shape[-1])[:total]  # [L, r + rope]
-        z, k_pe = stored[:, : self.code_dim], stored[:, self.code_dim :]
-        k_nope = torch.einsum("lr,hdr->hld", z, self.w_uk)
-        v = torch.einsum("lr,hvr->hlv", z, self.w_uv)
-        if self.b_v is not None:
-            v = v + self.b_v[:, None, :]
-        k = torch.cat([k_nope, k_pe[None].expand(self.num_heads, -1, -1)], dim=-1)  # [H, L, nope+rope]
+        k, v = self._expand(stored[:, : self.code_dim], stored[:, self.code_dim :])  # [H, L, .]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, n, nope+rope]
         # Query j sits at position total - n + j and sees keys up to and including itself.
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
         return out.transpose(0, 1)
+
+    def _prefill_fresh(self, q_nope: Tensor, q_pe: Tensor, code: Tensor, k_pe: Tensor, meta: AttentionMetadata) -> Tensor:
+        """Sequences with nothing cached before this step attend only among their new tokens: pad
+        them to one batch and run one causal SDPA (padding sits after each sequence's last token,
+        so causality keeps it out of every real query). Returns [Tf, H, v] for meta.fresh_rows."""
+        idx = meta.fresh_index
+        k, v = self._expand(code[idx], k_pe[idx])  # [Bf, H, Lmax, .]
+        q = torch.cat([q_nope, q_pe], dim=-1)[idx].transpose(1, 2)  # [Bf, H, Lmax, nope+rope]
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)[meta.fresh_valid]

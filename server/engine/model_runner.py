@@ -40,6 +40,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+def choose_experts_implementation(model, device: torch.device, dtype: torch.dtype) -> None:
+    """Pick transformers' MoE experts kernel. On CUDA the decode step is captured in a graph, so the
+    experts must not synchronise with the host: grouped_mm does not in bf16/fp16, but in fp32 it
+    copies from the host (seen on the H200, torch 2.11), so fp32 uses batched_mm (gathers the
+    selected experts' weights; slower, only for exactness tests). The CPU keeps the default."""
+    if device.type == "cuda" and hasattr(model.config, "_experts_implementation"):
+        model.config._experts_implementation = "batched_mm" if dtype == torch.float32 else "grouped_mm"
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None) -> None:
         self.config = config
@@ -49,6 +58,7 @@ class ModelRunner:
             model, tokenizer = load_pretrained(config.model, self.dtype, str(self.device), config.trust_remote_code)
         self.model, self.tokenizer = model, tokenizer
         self.hf_config = model.config
+        choose_experts_implementation(model, self.device, self.dtype)
         splices = self._splices()
         self.attention = [PagedMLAAttention(attn, s) for attn, s in zip(find_mla_layers(model), splices)]
         self.code_dim = self.attention[0].code_dim
@@ -107,8 +117,11 @@ class ModelRunner:
             context_lens.append(end)
         max_blocks = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        starts = [0]
+        for n in query_lens[:-1]:
+            starts.append(starts[-1] + n)
         decode = [i for i, n in enumerate(query_lens) if n == 1]
-        starts = [sum(query_lens[:i]) for i in decode]
+        fresh = [i for i, n in enumerate(query_lens) if n > 1 and context_lens[i] == n]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -117,11 +130,27 @@ class ModelRunner:
             query_lens=query_lens,
             context_lens_list=context_lens,
             decode_seqs=torch.tensor(decode, dtype=torch.long, device=dev),
-            decode_tokens=torch.tensor(starts, dtype=torch.long, device=dev),
-            prefill_seqs=[i for i, n in enumerate(query_lens) if n > 1],
+            decode_tokens=torch.tensor([starts[i] for i in decode], dtype=torch.long, device=dev),
+            prefill_seqs=[i for i, n in enumerate(query_lens) if n > 1 and context_lens[i] > n],
             max_decode_context=max((context_lens[i] for i in decode), default=0),
         )
+        if fresh:
+            self._add_fresh_prefill(meta, fresh, starts, query_lens)
         return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta
+
+    def _add_fresh_prefill(self, meta: AttentionMetadata, fresh: list[int], starts: list[int],
+                           query_lens: list[int]) -> None:
+        """Padded [Bf, Lmax] token-row index of the sequences whose tokens are all new this step."""
+        longest = max(query_lens[i] for i in fresh)
+        index = torch.zeros(len(fresh), longest, dtype=torch.long)
+        valid = torch.zeros(len(fresh), longest, dtype=torch.bool)
+        for b, i in enumerate(fresh):
+            n = query_lens[i]
+            index[b, :n] = torch.arange(starts[i], starts[i] + n)
+            valid[b, :n] = True
+        meta.fresh_index = index.to(self.device)
+        meta.fresh_valid = valid.to(self.device)
+        meta.fresh_rows = index[valid].to(self.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         """Final-norm hidden states [T, hidden] of the flattened batch (the cache is updated)."""
