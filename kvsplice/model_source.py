@@ -61,8 +61,10 @@ def _from_hub(load, source: str):
         raise ModelNotFound(f"could not load {source!r}: not a local path, and the hub failed ({hint}): {exc}") from exc
 
 
-def load_pretrained(source: str, dtype, device: str = "cpu", trust_remote_code: bool = False):
-    """(model, tokenizer) through transformers from a local path, 'builtin' or a hub id."""
+def load_pretrained(source: str, dtype, device: str = "cpu", trust_remote_code: bool = False,
+                    device_map: dict | None = None):
+    """(model, tokenizer) through transformers from a local path, 'builtin' or a hub id; with a
+    `device_map` each module loads straight onto its device (a model larger than one GPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,9 +72,11 @@ def load_pretrained(source: str, dtype, device: str = "cpu", trust_remote_code: 
 
     def load():
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map=device_map)
         return model, tokenizer
 
     model, tokenizer = load() if Path(path).exists() else _from_hub(load, source)
-    model = model.to(torch.device(device)).eval()
-    return model, tokenizer
+    if device_map is None:
+        model = model.to(torch.device(device))
+    return model.eval(), tokenizer

@@ -53,3 +53,15 @@ def test_bf16_engine_runs_with_graphs_at_many_batch_sizes(checkpoint_dirs):
         same = {tuple(outs[str(j)].token_ids) for j in range(len(prompts)) if prompts[j] == PROMPTS[i]}
         assert len(same) == 1
     assert engine.stats().num_blocks_free == engine.stats().num_blocks_total
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_layer_split_over_two_gpus_matches_one(checkpoint_dirs):
+    common = dict(model=checkpoint_dirs["lite"], device="cuda", dtype="float32", kv_cache_bytes=64 << 20)
+    one = LLMEngine(EngineConfig(**common, cuda_graphs=False))
+    two = LLMEngine(EngineConfig(**common, pipeline_parallel_size=2))
+    assert {str(d) for d in two.runner.layer_devices} == {"cuda:0", "cuda:1"}
+    a, b = run_engine(one, PROMPTS, greedy()), run_engine(two, PROMPTS, greedy())
+    assert {k: o.token_ids for k, o in a.items()} == {k: o.token_ids for k, o in b.items()}
+    # The same total budget, spread over two GPUs, holds the same number of tokens.
+    assert abs(two.stats().kv_capacity_tokens - one.stats().kv_capacity_tokens) <= 2 * 16

@@ -26,12 +26,14 @@ def available_memory_bytes(device: torch.device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo; set kv_cache_bytes")
 
 
-def plan_num_blocks(config: EngineConfig, bytes_per_token: int, device: torch.device, max_tokens_needed: int) -> int:
-    """Blocks for the configured budget: `kv_cache_bytes` if set, else a fraction of free memory,
-    never more than `max_tokens_needed` tokens (max_num_seqs full-length sequences) would use."""
+def plan_num_blocks(config: EngineConfig, bytes_per_token: int, device: torch.device, max_tokens_needed: int,
+                    budget_share: float = 1.0) -> int:
+    """Blocks for the configured budget on one device: `kv_cache_bytes` (times this device's share
+    of the layers when a layer split spreads the cache) if set, else a fraction of the device's free
+    memory, never more than `max_tokens_needed` tokens (max_num_seqs full-length sequences) use."""
     block_bytes = bytes_per_token * config.block_size
     if config.kv_cache_bytes is not None:
-        budget = config.kv_cache_bytes
+        budget = int(config.kv_cache_bytes * budget_share)
         num_blocks = budget // block_bytes
     else:
         budget = int(available_memory_bytes(device) * config.kv_cache_memory_fraction)
@@ -42,3 +44,15 @@ def plan_num_blocks(config: EngineConfig, bytes_per_token: int, device: torch.de
             f"({block_bytes:,} bytes); raise kv_cache_bytes"
         )
     return int(num_blocks)
+
+
+def plan_split_blocks(config: EngineConfig, bytes_per_layer_token: int, layer_counts: dict[torch.device, int],
+                      max_tokens_needed: int) -> int:
+    """Blocks when the layers (and their cache) are spread over devices: a token takes a slot on
+    every device, so the device that runs out first decides. `kv_cache_bytes` is the total over
+    all devices, shared in proportion to their layers."""
+    total_layers = sum(layer_counts.values())
+    return min(
+        plan_num_blocks(config, bytes_per_layer_token * n, device, max_tokens_needed, n / total_layers)
+        for device, n in layer_counts.items()
+    )

@@ -13,7 +13,7 @@ The key part of the folded bias shifts every score of a query equally and drops 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ class AttentionMetadata:
     fresh_index: Tensor | None = None  # [Bf, Lmax] token rows (padding repeats row 0)
     fresh_valid: Tensor | None = None  # [Bf, Lmax] bool, False on padding
     fresh_rows: Tensor | None = None  # [Tf] token rows in the order of fresh_valid's True entries
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """A copy with every tensor on `device` (for the next GPU of a layer split)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **moved)
 
 
 class PagedMLAAttention(nn.Module):

@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 from kvsplice.cache_size import get_kv_cache_size
-from kvsplice.model_source import load_pretrained
+from kvsplice.model_source import load_config, load_pretrained
 from kvsplice.patch import find_mla_layers, make_splices
 from kvsplice.storage import load_splices
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.kv_budget import plan_num_blocks
+from server.engine.kv_budget import plan_split_blocks
+from server.engine.placement import device_map, gpu_devices, layers_per_device, place_model, split_layers
 from server.engine.mla_attention import AttentionMetadata, PagedMLAAttention
 from server.engine.scheduler import ScheduledSeq
 
@@ -52,19 +53,35 @@ def choose_experts_implementation(model, device: torch.device, dtype: torch.dtyp
 class ModelRunner:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device)  # where a step's inputs start (the first GPU)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        split = self._split_layers(model) if config.pipeline_parallel_size > 1 else None
         if model is None:
-            model, tokenizer = load_pretrained(config.model, self.dtype, str(self.device), config.trust_remote_code)
+            model, tokenizer = load_pretrained(config.model, self.dtype, str(self.device), config.trust_remote_code,
+                                               device_map=device_map(split) if split else None)
+        elif split:
+            place_model(model, split)
         self.model, self.tokenizer = model, tokenizer
         self.hf_config = model.config
+        self.layer_devices = split or [self.device] * self.hf_config.num_hidden_layers
         choose_experts_implementation(model, self.device, self.dtype)
         splices = self._splices()
         self.attention = [PagedMLAAttention(attn, s) for attn, s in zip(find_mla_layers(model), splices)]
         self.code_dim = self.attention[0].code_dim
         self.cache_size = get_kv_cache_size(self.hf_config, compression_ratio=config.compression_ratio, dtype=self.dtype)
-        self.kv_cache: Tensor | None = None
+        self.kv_cache: list[Tensor] = []  # per layer, [num_blocks + 1, block_size, r + rope] on its device
         self.graphs: DecodeGraphs | None = None
+
+    def _split_layers(self, model) -> list[torch.device]:
+        """Each layer's GPU for a layer split over pipeline_parallel_size GPUs."""
+        if self.device.type != "cuda":
+            raise ValueError("pipeline_parallel_size > 1 needs CUDA devices")
+        num_layers = (model.config if model is not None else load_config(self.config.model)).num_hidden_layers
+        return split_layers(num_layers, gpu_devices(self.config.pipeline_parallel_size))
+
+    @property
+    def multi_device(self) -> bool:
+        return len(set(self.layer_devices)) > 1
 
     def _splices(self) -> list:
         """Per-layer splices (or None each at ratio 1.0), on the model's device and dtype."""
@@ -80,7 +97,7 @@ class ModelRunner:
             return [None] * self.hf_config.num_hidden_layers
         else:
             splices = make_splices(self.hf_config, cfg.compression_ratio, cfg.splice_init, seed=cfg.seed)
-        return [s.to(device=self.device, dtype=self.dtype).eval() for s in splices]
+        return [s.to(device=d, dtype=self.dtype).eval() for s, d in zip(splices, self.layer_devices)]
 
     @property
     def kv_dim(self) -> int:
@@ -89,16 +106,19 @@ class ModelRunner:
     def allocate_kv_cache(self, max_tokens_needed: int) -> BlockManager:
         """Size the cache from the KV budget and allocate one tensor for all layers. One extra block
         that no sequence owns takes the writes of CUDA-graph padding rows."""
-        num_blocks = plan_num_blocks(self.config, self.cache_size.bytes_per_token, self.device, max_tokens_needed)
-        shape = (self.hf_config.num_hidden_layers, num_blocks + 1, self.config.block_size, self.kv_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        per_layer = self.cache_size.bytes_per_token // self.hf_config.num_hidden_layers
+        counts = layers_per_device(self.layer_devices)
+        num_blocks = plan_split_blocks(self.config, per_layer, counts, max_tokens_needed)
+        for device, n in counts.items():
+            shape = (n, num_blocks + 1, self.config.block_size, self.kv_dim)
+            self.kv_cache.extend(torch.zeros(shape, dtype=self.dtype, device=device).unbind(0))
         return BlockManager(num_blocks, self.config.block_size)
 
     def capture_decode_graphs(self, max_batch: int, max_context_len: int) -> None:
         """On CUDA (unless disabled), capture the decode forward for batch sizes up to max_batch."""
-        if self.device.type != "cuda" or not self.config.cuda_graphs:
-            return
-        scratch_block = self.kv_cache.shape[1] - 1
+        if self.device.type != "cuda" or not self.config.cuda_graphs or self.multi_device:
+            return  # a graph is captured on one device; a layer split runs eagerly
+        scratch_block = self.kv_cache[0].shape[0] - 1
         self.graphs = DecodeGraphs(self.forward_eager, max_batch, max_context_len, self.config.block_size,
                                    scratch_block, self.device)
 
@@ -164,6 +184,9 @@ class ModelRunner:
         h = inner.embed_tokens(input_ids)
         freqs_cis = inner.rotary_emb(h, position_ids=positions[None])
         for i, layer in enumerate(inner.layers):
+            device = self.layer_devices[i]
+            if h.device != device:  # crossing to the next GPU of a layer split
+                h, freqs_cis, meta = h.to(device), freqs_cis.to(device), meta.to(device)
             residual = h
             h = self.attention[i](layer.input_layernorm(h), freqs_cis, self.kv_cache[i], meta)
             h = residual + h

@@ -1,0 +1,64 @@
+"""Where the model's layers live when one model spans several GPUs of a host (a layer split).
+
+Layers are cut into contiguous groups, one per GPU; the embedding sits with the first group, the
+final norm and lm_head with the last. Each GPU holds the paged cache of its own layers, so a token
+costs `layers_on_gpu x (r + rope) x bytes` on each GPU and every GPU must hold every running token:
+capacity is the smallest of the GPUs' budgets over their per-token bytes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def gpu_devices(count: int) -> list[torch.device]:
+    available = torch.cuda.device_count()
+    if count > available:
+        raise ValueError(f"pipeline_parallel_size={count} but only {available} CUDA device(s) are visible")
+    return [torch.device("cuda", i) for i in range(count)]
+
+
+def split_layers(num_layers: int, devices: list[torch.device]) -> list[torch.device]:
+    """Device of each layer: contiguous groups, sizes differing by at most one (earlier groups larger)."""
+    if len(devices) > num_layers:
+        raise ValueError(f"cannot split {num_layers} layers over {len(devices)} devices")
+    base, extra = divmod(num_layers, len(devices))
+    placement: list[torch.device] = []
+    for i, device in enumerate(devices):
+        placement += [device] * (base + (1 if i < extra else 0))
+    return placement
+
+
+def device_map(layer_devices: list[torch.device]) -> dict[str, str]:
+    """The `device_map` for `from_pretrained` that loads each module straight onto its GPU."""
+    first, last = str(layer_devices[0]), str(layer_devices[-1])
+    mapping = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": last, "lm_head": last}
+    mapping.update({f"model.layers.{i}": str(d) for i, d in enumerate(layer_devices)})
+    return mapping
+
+
+def place_model(model: nn.Module, layer_devices: list[torch.device]) -> None:
+    """Move an already loaded model's modules onto their devices (in place)."""
+    inner = model.model
+    inner.embed_tokens.to(layer_devices[0])
+    inner.rotary_emb.to(layer_devices[0])
+    for layer, device in zip(inner.layers, layer_devices):
+        layer.to(device)
+    inner.norm.to(layer_devices[-1])
+    model.lm_head.to(layer_devices[-1])
+
+
+def layers_per_device(layer_devices: list[torch.device]) -> dict[torch.device, int]:
+    counts: dict[torch.device, int] = {}
+    for device in layer_devices:
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def describe(layer_devices: list[torch.device]) -> str:
+    """e.g. 'cuda:0 layers 0-13, cuda:1 layers 14-26' for the start-up log."""
+    parts, start = [], 0
+    for device, count in layers_per_device(layer_devices).items():
+        parts.append(f"{device} layers {start}-{start + count - 1}")
+        start += count
+    return ", ".join(parts)
