@@ -5,8 +5,8 @@ Math (transformers' `DeepseekV2Experts`): for token t and its k-th routed expert
     y_t = sum_k w[t, k] * (h @ down[e]^T)                   down[e]                      [H, I]
 
 Why Triton: at decode a step reads the weights of the experts its tokens selected and almost
-nothing else, so the experts should run at memory bandwidth. transformers' grouped_mm path
-spends its time in sorting, offsets and GEMM tiles sized for large M instead.
+nothing else, so the experts should run at memory bandwidth; transformers' grouped_mm path is far
+from that at batch 1 (docs/design.md section 5).
 
 Work mapping (grouped by expert, so every selected expert's weights are read ONCE per call,
 however many of the T*K (token, k) pairs picked it):
@@ -27,6 +27,8 @@ however many of the T*K (token, k) pairs picked it):
 
 No host syncs and no data-dependent shapes (only T, K and the weight shapes set the launch), so
 a call can be captured in a CUDA graph. Triton compiles on the first call: run one eagerly first.
+Default tiles (MoELaunchConfig) were chosen from sm_90 compiles (no spills; gate_up fits 3 programs/SM in
+shared memory), not yet from timings: scripts/gpu_check_moe.py sweeps them.
 bf16 weights, fp32 accumulation; the intermediate h is rounded to the weight dtype before the
 down projection (as transformers does), everything else stays fp32 until the output.
 """
@@ -45,7 +47,12 @@ try:
 except ImportError:  # CPU-only installs: FusedMoEExperts always uses the wrapped module
     triton = tl = None
 
-DEFAULT_MAX_TOKENS = 64  # above this many tokens FusedMoEExperts calls transformers' experts
+# Above this many tokens FusedMoEExperts calls transformers' experts. Weights are read once per
+# selected expert at any T, so bytes never favour the fallback; what grows with T is compute done
+# in 16-token tl.dot tiles against thin weight tiles, which a real grouped GEMM does better. At
+# T=64 V2-Lite is still memory bound (~6.6 GFLOP vs ~1.1 GB per layer); scripts/gpu_check_moe.py
+# also times T=128 and 256 to place the crossover. Prefill chunks are far above it.
+DEFAULT_MAX_TOKENS = 64
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
 ROUTE_BLOCK_P = 64  # pairs per iteration of the routing kernel
 

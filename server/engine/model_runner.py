@@ -18,6 +18,7 @@ from kvsplice.storage import load_splices
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
+from server.engine.fused_moe import install_fused_moe
 from server.engine.kv_budget import plan_split_blocks
 from server.engine.placement import device_map, gpu_devices, layers_per_device, place_model, split_layers
 from server.engine.mla_attention import AttentionMetadata, PagedMLAAttention
@@ -65,6 +66,8 @@ class ModelRunner:
         self.hf_config = model.config
         self.layer_devices = split or [self.device] * self.hf_config.num_hidden_layers
         choose_experts_implementation(model, self.device, self.dtype)
+        if self.device.type == "cuda" and config.fused_moe:
+            install_fused_moe(model)  # decode-sized batches take the Triton experts, larger ones transformers'
         splices = self._splices()
         self.attention = [PagedMLAAttention(attn, s) for attn, s in zip(find_mla_layers(model), splices)]
         self.code_dim = self.attention[0].code_dim
