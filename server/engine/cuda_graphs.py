@@ -66,7 +66,8 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return not meta.prefill_seqs and len(meta.query_lens) <= self.sizes[-1]
+        decode_only = len(meta.decode_seqs) == len(meta.query_lens)
+        return decode_only and len(meta.query_lens) <= self.sizes[-1]
 
     def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         batch = len(meta.query_lens)
