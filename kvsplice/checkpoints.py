@@ -7,7 +7,7 @@ and the project's byte-level tokenizer. It is an ordinary transformers model dir
 DeepSeek-V2 checkpoint loads it the same way.
 
 ``python -m kvsplice.checkpoints --variant lite|qlora --out DIR [--seed N] [--dtype bfloat16]``
-builds one; ``--builtin`` rebuilds the committed built-in model instead.
+builds one. The built-in model (``builtin_model_path``) is a trained one, see docs/quality.md.
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ _QLORA = dict(
     routed_scaling_factor=2.0,
 )
 VARIANTS = {"lite": _LITE, "qlora": {**_LITE, **_QLORA}}
-
-# The committed model must stay small in git: the 8192 x hidden embedding and LM head dominate,
-# so the built-in one halves the width (about 1.5 M parameters, 3 MB in bfloat16).
-BUILTIN_OVERRIDES = dict(hidden_size=64, intermediate_size=192, moe_intermediate_size=48)
-BUILTIN_DTYPE = torch.bfloat16
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -95,16 +90,9 @@ def build_small_checkpoint(
 
 
 def builtin_model_path() -> Path:
-    """The model directory shipped in the package (``kvsplice-tiny``)."""
+    """The model shipped in the package (``kvsplice-tiny``): trained on the corpus by
+    scripts/train_small_model.py (docs/quality.md says how), not built here."""
     return BUILTIN_MODEL_DIR
-
-
-def build_builtin_model() -> Path:
-    """Rebuild the committed built-in model (random ``lite``, seed 0, ``BUILTIN_OVERRIDES``)."""
-    if BUILTIN_MODEL_DIR.exists():
-        shutil.rmtree(BUILTIN_MODEL_DIR)
-    return build_small_checkpoint(BUILTIN_MODEL_DIR, "lite", seed=0, dtype=BUILTIN_DTYPE,
-                                  **BUILTIN_OVERRIDES)
 
 
 def shipped_config_path(name: str) -> Path:
@@ -125,15 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output model directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--builtin", action="store_true",
-                        help=f"rebuild the built-in model in {BUILTIN_MODEL_DIR}")
     args = parser.parse_args(argv)
-    if args.builtin:
-        path = build_builtin_model()
-    elif args.out is None:
-        parser.error("--out is required unless --builtin is given")
-    else:
-        path = build_small_checkpoint(args.out, args.variant, args.seed, getattr(torch, args.dtype))
+    if args.out is None:
+        parser.error("--out is required")
+    path = build_small_checkpoint(args.out, args.variant, args.seed, getattr(torch, args.dtype))
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"{path}: {size / 1e6:.2f} MB")
 

@@ -248,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = bench(args)
     device = resolve_device(args.device)
-    result = {"command": "kvsplice " + " ".join(sys.argv[1:]), "environment": environment(device), "ratios": args.ratios,
+    argv = sys.argv[1:]
+    result = {"command": "kvsplice bench " + " ".join(argv[1:] if argv[:1] == ["bench"] else argv), "environment": environment(device), "ratios": args.ratios,
               "rows": [asdict(r) for r in rows]}
     print("\n" + table(rows, args.ratios))
     if args.out:

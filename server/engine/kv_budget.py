@@ -28,16 +28,20 @@ def available_memory_bytes(device: torch.device) -> int:
 
 def plan_num_blocks(config: EngineConfig, bytes_per_token: int, device: torch.device, max_tokens_needed: int,
                     budget_share: float = 1.0) -> int:
-    """Blocks for the configured budget on one device: `kv_cache_bytes` (times this device's share
-    of the layers when a layer split spreads the cache) if set, else a fraction of the device's free
-    memory, never more than `max_tokens_needed` tokens (max_num_seqs full-length sequences) use."""
+    """Blocks for the configured budget on one device: `kv_cache_bytes` times this device's share of
+    the layers (a layer split spreads the cache) if set, else a fraction of the device's free memory
+    (on the CPU capped at `max_tokens_needed` tokens)."""
     block_bytes = bytes_per_token * config.block_size
     if config.kv_cache_bytes is not None:
         budget = int(config.kv_cache_bytes * budget_share)
         num_blocks = budget // block_bytes
     else:
         budget = int(available_memory_bytes(device) * config.kv_cache_memory_fraction)
-        num_blocks = min(budget // block_bytes, -(-max_tokens_needed // config.block_size))
+        num_blocks = budget // block_bytes
+        if device.type == "cpu":
+            # A fraction of RAM would be gigabytes of zeroed host memory for a tiny model; on the
+            # CPU take no more than max_num_seqs full-length sequences can use.
+            num_blocks = min(num_blocks, -(-max_tokens_needed // config.block_size))
     if num_blocks < 1:
         raise ValueError(
             f"kv cache budget of {budget:,} bytes holds no block of {config.block_size} tokens "

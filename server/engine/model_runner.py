@@ -6,6 +6,7 @@ cache of stored codes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -190,11 +191,10 @@ class ModelRunner:
             device = self.layer_devices[i]
             if h.device != device:  # crossing to the next GPU of a layer split
                 h, freqs_cis, meta = h.to(device), freqs_cis.to(device), meta.to(device)
-            residual = h
-            h = self.attention[i](layer.input_layernorm(h), freqs_cis, self.kv_cache[i], meta)
-            h = residual + h
-            residual = h
-            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+            # Triton launches on the current CUDA device, not the tensors': make it this layer's.
+            with torch.cuda.device(device) if self.multi_device else contextlib.nullcontext():
+                h = h + self.attention[i](layer.input_layernorm(h), freqs_cis, self.kv_cache[i], meta)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         return inner.norm(h)
 
     @torch.inference_mode()
