@@ -19,7 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step at most
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     pipeline_parallel_size: int = 1  # GPUs the layers are split over (one model replica)
-    cuda_graphs: bool = True
-    fused_moe: bool = True  # Triton experts for decode-sized batches (CUDA only)  # capture the decode step in CUDA graphs (CUDA only)
+    cuda_graphs: bool = True  # capture the decode step in CUDA graphs (CUDA only)
+    fused_moe: bool = True  # Triton experts for decode-sized batches (CUDA only)
     trust_remote_code: bool = False
     seed: int = 0

@@ -1,0 +1,46 @@
+"""The FastAPI app: assembly only. Routes live in server/api/routes, engine access in engine_client."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api.context import ServerContext
+from server.api.engine_client import EngineClient
+from server.api.errors import install_error_handlers
+from server.api.logprobs import TokenText
+from server.api.metrics import ServerMetrics
+from server.api.middleware import APIGateMiddleware
+from server.api.routes import chat, completions, generate, models, ops
+from server.settings import Settings
+
+
+def build_app(engine, settings: Settings) -> FastAPI:
+    """An app serving `engine` (constructed, not yet started: the app's lifespan starts and stops it)."""
+    model_name = settings.served_model_name or engine.model_name
+    metrics = ServerMetrics(engine, model_name)
+    client = EngineClient(engine, metrics, settings.max_num_seqs, settings.max_waiting_requests)
+    ctx = ServerContext(engine=engine, settings=settings, client=client, metrics=metrics,
+                        model_name=model_name, token_text=TokenText(engine.tokenizer))
+
+    app = FastAPI(title="kvsplice", summary="DeepSeek-V2 serving with a KVSplice-compressed MLA cache",
+                  lifespan=_lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for module in (generate, completions, chat, models, ops):
+        app.include_router(module.router)
+    app.add_middleware(APIGateMiddleware, ctx=ctx)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    engine = app.state.ctx.engine
+    engine.start()
+    try:
+        yield
+    finally:
+        # After uvicorn's drain: whatever is still running is aborted by the engine.
+        await asyncio.to_thread(engine.shutdown)

@@ -1,0 +1,165 @@
+"""Prometheus metrics (`kvsplice:` prefix, label `model_name` on every series).
+
+The names are a contract: the Grafana dashboard, the autoscaler and the load tester read them.
+Gauges and the engine's own counters are read from `engine.stats()` at scrape time, so they are
+exact at every scrape without a polling task. Per-request histograms are observed by the API as
+outputs arrive. Each app gets its own CollectorRegistry so several apps can live in one process.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+MODEL_LABEL = "model_name"
+
+# (metric name, help, EngineStats attribute)
+ENGINE_GAUGES = [
+    ("kvsplice:num_requests_running", "Requests in the running batch", "num_running"),
+    ("kvsplice:num_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
+    ("kvsplice:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)", "kv_cache_usage"),
+    ("kvsplice:kv_cache_bytes_per_token", "KV cache bytes per token, all layers", "kv_bytes_per_token"),
+    ("kvsplice:kv_cache_capacity_tokens", "Tokens the KV cache can hold", "kv_capacity_tokens"),
+    ("kvsplice:kv_cache_bytes_in_use", "KV cache bytes held by live sequences", "kv_bytes_in_use"),
+    ("kvsplice:kv_cache_compression_ratio", "Fraction of the MLA latent stored (1.0 = plain MLA)", "compression_ratio"),
+]
+ENGINE_COUNTERS = [
+    ("kvsplice:prompt_tokens_total", "Prompt tokens processed", "prompt_tokens_total"),
+    ("kvsplice:generation_tokens_total", "Tokens generated", "generation_tokens_total"),
+    ("kvsplice:num_preemptions_total", "Sequences preempted for lack of KV blocks", "num_preemptions_total"),
+]
+
+_LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0]
+_ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                0.75, 1.0, 2.5, 5.0]
+_REQUEST_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+_TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+
+
+class EngineStatsCollector(Collector):
+    """Turns one `engine.stats()` snapshot into the gauge and counter families at each scrape."""
+
+    def __init__(self, engine, model_name: str):
+        self._engine = engine
+        self._model_name = model_name
+
+    def describe(self) -> Iterable[Metric]:
+        # Without describe() the registry would call collect(), i.e. the engine, at registration.
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            stats = self._engine.stats()
+        except Exception:  # a dead engine must not break the scrape; /health reports it
+            logger.warning("engine.stats() failed; engine series left out of this scrape", exc_info=True)
+            return []
+        return self._families(stats)
+
+    def _families(self, stats) -> list[Metric]:
+        families: list[Metric] = []
+        for kind, table in ((GaugeMetricFamily, ENGINE_GAUGES), (CounterMetricFamily, ENGINE_COUNTERS)):
+            for name, doc, attr in table:
+                family = kind(name, doc, labels=[MODEL_LABEL])
+                if stats is not None:
+                    family.add_metric([self._model_name], float(getattr(stats, attr)))
+                families.append(family)
+        return families
+
+
+class ServerMetrics:
+    """The app's registry: engine snapshot series plus per-request latency and size histograms."""
+
+    def __init__(self, engine, model_name: str):
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineStatsCollector(engine, model_name))
+
+        def histogram(name: str, doc: str, buckets: list[float]):
+            return Histogram(name, doc, [MODEL_LABEL], buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.time_to_first_token = histogram(
+            "kvsplice:time_to_first_token_seconds", "Arrival to first generated token", _LATENCY_BUCKETS)
+        self.inter_token_latency = histogram(
+            "kvsplice:inter_token_latency_seconds", "Gap between successive token deliveries", _ITL_BUCKETS)
+        self.e2e_request_latency = histogram(
+            "kvsplice:e2e_request_latency_seconds", "Arrival to finish", _REQUEST_BUCKETS)
+        self.request_queue_time = histogram(
+            "kvsplice:request_queue_time_seconds", "Arrival to first scheduled", _REQUEST_BUCKETS)
+        self.request_prompt_tokens = histogram(
+            "kvsplice:request_prompt_tokens", "Prompt length of finished requests", _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "kvsplice:request_generation_tokens", "Generated length of finished requests", _TOKEN_BUCKETS)
+        self._request_success = Counter(
+            "kvsplice:request_success_total", "Finished requests by finish reason",
+            [MODEL_LABEL, "finished_reason"], registry=self.registry)
+
+    def count_finished(self, reason: str) -> None:
+        self._request_success.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Times one request from the outputs it delivers; the engine's own clock marks win where present."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+        self._submitted = time.time()
+        self._last_delivery: float | None = None
+        self._finished = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.time()
+        count = len(out.delta_token_ids)
+        if count:
+            self._on_tokens(out, now, count)
+        if out.finished and not self._finished:
+            self._finished = True
+            self._on_finished(out, now)
+
+    def on_closed(self) -> None:
+        """The consumer stopped before the last output (client gone, server draining): an abort."""
+        if not self._finished:
+            self._finished = True
+            self._metrics.count_finished("abort")
+
+    def _on_tokens(self, out: RequestOutput, now: float, count: int) -> None:
+        m = self._metrics
+        if self._last_delivery is None:
+            times = out.times
+            first = times.first_token if times and times.first_token else now
+            m.time_to_first_token.observe(max(0.0, first - self._arrival(out)))
+        else:
+            # Several tokens in one delivery (a slow consumer): spread the gap so the histogram
+            # stays per token rather than per delivery.
+            gap = (now - self._last_delivery) / count
+            for _ in range(count):
+                m.inter_token_latency.observe(gap)
+        self._last_delivery = now
+
+    def _on_finished(self, out: RequestOutput, now: float) -> None:
+        m = self._metrics
+        times = out.times
+        arrival = self._arrival(out)
+        m.count_finished(out.finish_reason or "stop")
+        m.e2e_request_latency.observe(max(0.0, ((times.finished if times and times.finished else now) - arrival)))
+        if times and times.first_scheduled:
+            m.request_queue_time.observe(max(0.0, times.first_scheduled - arrival))
+        m.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        m.request_generation_tokens.observe(len(out.token_ids))
+
+    def _arrival(self, out: RequestOutput) -> float:
+        return out.times.arrival if out.times and out.times.arrival else self._submitted

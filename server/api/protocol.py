@@ -1,0 +1,278 @@
+"""Request and response bodies of the HTTP API (pydantic models; validation and defaults only).
+
+/generate is ours: strict types and unknown fields rejected. The OpenAI models accept and ignore
+fields they do not know, because OpenAI clients send fields such as `user` that change nothing
+here; fields that *would* change the result but are not supported are rejected with a 400.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+
+
+def one_of(description: str) -> WrapValidator:
+    """Replace pydantic's one-error-per-union-member report with a single readable message."""
+
+    def validate(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"must be {description}") from None
+
+    return WrapValidator(validate)
+
+
+StopStrings = Annotated[str | list[str] | None, one_of("a string or a list of strings")]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+# ---------------------------------------------------------------- /generate
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Annotated[str | list[str], one_of("a string or a list of strings")]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: StopStrings = None
+    seed: int | None = None
+    stream: bool = False
+    ignore_eos: bool = False
+
+
+class GenerateResult(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+
+
+class GenerateChunk(BaseModel):
+    """One server-sent event of a streaming /generate: the text and tokens added since the last one."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None  # on the last event of each prompt
+
+
+# ---------------------------------------------------------------- OpenAI: shared
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class OpenAISampling(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stop: StopStrings = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    # Accepted so that clients sending the neutral value work; any other value is refused below.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> OpenAISampling:
+        if self.n != 1:
+            raise ValueError("n: only n=1 is supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: only best_of=1 is supported")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty / frequency_penalty: not supported (use 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """The SamplingParams fields these requests share, with OpenAI's defaults for omitted ones."""
+        return {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": -1 if self.top_k is None else self.top_k,
+            "min_tokens": self.min_tokens, "stop": self.stop or [], "seed": self.seed, "ignore_eos": self.ignore_eos,
+        }
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvsplice"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- /v1/completions
+
+
+PromptInput = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    one_of("a string, a list of strings, a list of token ids or a list of token-id lists"),
+]
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: PromptInput
+    max_tokens: int | None = 16
+    logprobs: int | None = None  # legacy format: top-k alternatives per token
+    echo: bool = False
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _refuse_suffix(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix: not supported")
+        return self
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the whole answer and, with `stream`, each chunk (then `usage` is null but on the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---------------------------------------------------------------- /v1/chat/completions
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: Annotated[str | list[ContentPart] | None, one_of("a string or a list of content parts")] = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # the newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_tools(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs=true")
+        return self
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

@@ -1,0 +1,75 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request."""
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from fastapi import APIRouter, Request
+
+from server.api.chat_template import render_chat
+from server.api.context import Context, ServerContext
+from server.api.disconnect import run_unless_disconnected
+from server.api.engine_client import Prompt, RequestStream, make_sampling_params, new_request_id, raise_if_failed
+from server.api.logprobs import chat_logprobs
+from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                 ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, Usage)
+from server.api.streaming import SSE_DONE, EventStreamResponse, sse, sse_error
+from server.engine.outputs import RequestOutput
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context):
+    ctx.check_model(body.model)
+    prompt = Prompt(render_chat(ctx.client.tokenizer, body.messages))
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:  # OpenAI's default: as much as the context leaves
+        max_tokens = max(ctx.client.max_model_len - len(prompt.token_ids), 1)
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs at all
+    params = make_sampling_params(max_tokens=max_tokens, logprobs=top_logprobs, **body.sampling_fields())
+    request_id = new_request_id("chatcmpl")
+    [stream] = ctx.client.submit([prompt], params, request_id)
+
+    if body.stream:
+        events = _events(ctx, request_id, stream, top_logprobs, body.include_usage)
+        return EventStreamResponse(events, on_close=stream.aclose)
+    try:
+        out = raise_if_failed(await run_unless_disconnected(request, stream.final()))
+    finally:
+        await stream.aclose()
+    choice = ChatChoice(index=0, message=AssistantMessage(content=out.text),
+                        logprobs=_logprobs(ctx, out, 0, top_logprobs), finish_reason=out.finish_reason)
+    return ChatCompletionResponse(id=request_id, model=ctx.model_name, choices=[choice], usage=_usage(out))
+
+
+def _usage(out: RequestOutput) -> Usage:
+    return Usage.of(len(out.prompt_token_ids), len(out.token_ids))
+
+
+def _logprobs(ctx: ServerContext, out: RequestOutput, start: int, top_logprobs: int | None) -> ChatLogprobs | None:
+    """Log-probabilities of the tokens generated from position `start` on, if they were asked for."""
+    if top_logprobs is None:
+        return None
+    return chat_logprobs(ctx.token_text, (out.logprobs or [])[start:len(out.token_ids)], top_logprobs)
+
+
+async def _events(ctx: ServerContext, request_id: str, stream: RequestStream, top_logprobs: int | None,
+                  include_usage: bool) -> AsyncGenerator[str, None]:
+    def chunk(delta: ChatDelta, **fields) -> str:
+        choice = ChatChunkChoice(index=0, delta=delta, **fields)
+        return sse(ChatCompletionChunk(id=request_id, model=ctx.model_name, choices=[choice]))
+
+    try:
+        yield chunk(ChatDelta(role="assistant", content=""))
+        sent_tokens = 0
+        async for out in stream:
+            raise_if_failed(out)
+            if out.delta_text or out.finished:
+                yield chunk(ChatDelta(content=out.delta_text), logprobs=_logprobs(ctx, out, sent_tokens, top_logprobs),
+                            finish_reason=out.finish_reason if out.finished else None)
+                sent_tokens = len(out.token_ids)
+            if out.finished and include_usage:
+                yield sse(ChatCompletionChunk(id=request_id, model=ctx.model_name, choices=[], usage=_usage(out)))
+    except Exception as exc:
+        yield sse_error(exc)
+    yield SSE_DONE

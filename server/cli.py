@@ -1,0 +1,100 @@
+"""The `kvsplice` command: `serve` (here), the library's commands, and the lead's `bench`.
+
+Every subcommand sets `func` (args -> exit status) with `set_defaults`, the convention shared
+with `kvsplice.cli.register_commands`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, get_args
+
+from server.settings import InvalidSettings, Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvsplice", description="Serve DeepSeek-V2 with a KVSplice-compressed MLA cache, and the tools around it.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_serve(subparsers)
+    # Commands that live elsewhere register themselves; each is optional, so the CLI (and
+    # `serve`) keeps working while those modules are absent.
+    _register_from("kvsplice.cli", "register_commands", subparsers)  # estimate, calibrate, eval
+    _register_from("server.bench", "register", subparsers)  # bench: the lead's benchmark command
+    return parser
+
+
+def _register_from(module_name: str, function: str, subparsers) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            return  # the module does not exist (yet); a missing dependency *inside* it is a real error
+        raise
+    register = getattr(module, function, None)
+    if register is not None:
+        register(subparsers)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP server",
+        description="Serve a DeepSeek-V2 model over HTTP. Every setting is also read from KVSPLICE_<NAME> "
+                    "environment variables and from the --config file; precedence: flags > env > file > defaults.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        # SUPPRESS: a flag that is not given must not hide the env or file value behind a default.
+        common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field)}
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            # Values stay text: the settings model converts and validates them with field-named errors.
+            parser.add_argument(flag, **common, **_choices_metavar(field))
+    parser.set_defaults(func=run_serve)
+
+
+def _help(field) -> str:
+    default = field.default
+    return f"{field.description} (default: {default})" if default is not None else field.description
+
+
+def _choices_metavar(field) -> dict[str, str]:
+    """Show a Literal's choices in the usage line; the settings model still does the checking."""
+    choices = [arg for arg in get_args(field.annotation) if isinstance(arg, str)]
+    return {"metavar": "{" + ",".join(choices) + "}"} if choices else {}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    try:
+        settings = load_settings(**flags)
+    except InvalidSettings as exc:
+        print(f"kvsplice serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.api.launcher import serve  # imports torch and the model code: only now
+
+    try:
+        return serve(settings)
+    except ValueError as exc:  # the engine refusing a setting combination (e.g. a budget too small)
+        print(f"kvsplice serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

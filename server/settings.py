@@ -1,0 +1,202 @@
+"""The server's one settings object: CLI flags > KVSPLICE_* environment > config file > defaults.
+
+Flags arrive as constructor keyword arguments (pydantic-settings' "init" source, the strongest);
+the config file is named by the `config` setting itself, so `--config` and `KVSPLICE_CONFIG` both
+work. Every field is validated here, at start-up, so a bad value fails with a message that names
+it instead of surfacing later from deep inside the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from server.engine.config import EngineConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10; YAML config files still work
+    tomllib = None
+
+ENV_PREFIX = "KVSPLICE_"
+
+
+class InvalidSettings(ValueError):
+    """A setting is wrong; the message names it (`compression_ratio: must be in (0, 1]`)."""
+
+
+def _at_least(low: float):
+    def check(value: Any) -> Any:
+        if value is not None and value < low:
+            raise ValueError(f"must be >= {low}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _in_unit_interval(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
+def _valid_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be in [1, 65535]")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept a byte count as an int or as text with a unit ("8GiB", "512MB"): budgets are written that way."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a byte size: {value!r} (use e.g. 4294967296, 4GiB or 512MB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+AtLeastOne = Annotated[int, _at_least(1)]
+UnitFraction = Annotated[float, AfterValidator(_in_unit_interval)]
+ByteSize = Annotated[int, BeforeValidator(_parse_size), _at_least(1)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_ignore_empty=True)
+
+    config: str | None = Field(None, description="YAML or TOML file with settings (flags and env win over it)")
+    # What to serve.
+    model: str = Field("builtin", description="hub id, local path, or 'builtin' (the tiny model in the package)")
+    served_model_name: str | None = Field(None, description="name clients use in 'model' (default: the model's name)")
+    trust_remote_code: bool = Field(False, description="allow custom model code from the model repo")
+    seed: int = Field(0, description="engine seed for sampling without a per-request seed")
+    # How to run it.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (CUDA only)")
+    fused_moe: bool = Field(True, description="Triton MoE experts for decode-sized batches (CUDA only)")
+    pipeline_parallel_size: AtLeastOne = Field(1, description="GPUs the layers are split over (one model replica)")
+    tensor_parallel_size: AtLeastOne = Field(
+        1, description="accepted for deployments; not implemented yet (logs a warning)")
+    # KVSplice and the KV cache.
+    compression_ratio: UnitFraction = Field(
+        1.0, description="fraction of the latent dims stored, in (0, 1]; 1.0 = plain MLA")
+    splice_file: str | None = Field(None, description="calibrated splice file (safetensors)")
+    splice_init: str = Field("truncate", description="splice initialisation when there is no splice file")
+    kv_cache_bytes: ByteSize | None = Field(
+        None, description="KV cache budget (bytes, or e.g. 8GiB); wins over the fraction")
+    kv_cache_memory_fraction: UnitFraction = Field(
+        0.5, description="KV budget as a fraction of free device memory (CUDA) or RAM (CPU)")
+    block_size: AtLeastOne = Field(16, description="tokens per KV block")
+    # Scheduling and admission.
+    max_num_seqs: AtLeastOne = Field(64, description="running sequences at most")
+    max_num_batched_tokens: AtLeastOne = Field(2048, description="prefill + decode tokens per engine step at most")
+    max_model_len: AtLeastOne | None = Field(None, description="context length (default: the model's, capped at 8192)")
+    max_waiting_requests: Annotated[int, _at_least(0)] = Field(
+        256, description="queued requests beyond which new ones get 429")
+    # HTTP.
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: Annotated[int, AfterValidator(_valid_port)] = Field(8000, description="port to listen on")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* and /generate")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
+    drain_timeout_s: Annotated[float, _at_least(0)] = Field(
+        30.0, description="on SIGTERM, how long in-flight requests may take to finish")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Order is precedence: flags (init kwargs) > environment > config file > field defaults.
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of the settings, copied by field name so new engine fields need no code here."""
+        names = {f.name for f in dataclasses.fields(EngineConfig)} & set(type(self).model_fields)
+        return EngineConfig(**{name: getattr(self, name) for name in names})
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the file named by `config`, as already resolved from the flags and environment."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        return read_config_file(path) if path else {}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A flat mapping of settings from YAML (.yaml/.yml/.json) or TOML (.toml); keys may use '-' or '_'."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise InvalidSettings(f"config: cannot read {path}: {exc.strerror}") from None
+    data = _parse_toml(path, text) if file.suffix.lower() == ".toml" else _parse_yaml(path, text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidSettings(f"config: {path} must hold a mapping of setting names to values")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    if "config" in values:
+        raise InvalidSettings(f"config: {path} may not name another config file")
+    return values
+
+
+def _parse_yaml(path: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidSettings(f"config: {path} is not valid YAML: {exc}") from None
+
+
+def _parse_toml(path: str, text: str) -> Any:
+    if tomllib is None:
+        raise InvalidSettings(f"config: {path}: TOML needs Python 3.11 or later; use a YAML file")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidSettings(f"config: {path} is not valid TOML: {exc}") from None
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Build the settings from flags (keyword arguments), the environment and the config file.
+
+    Raises InvalidSettings with one line per bad field, each starting with the field's name.
+    """
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        raise InvalidSettings(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{name}: {message}")
+    return "; ".join(lines)
