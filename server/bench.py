@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kvsplice.cache_size import get_kv_cache_size
 from kvsplice.cli import positive_int, ratio_list
 from kvsplice.model_source import load_config, load_pretrained, resolve_model_path
 from server.engine.config import EngineConfig
@@ -105,18 +106,65 @@ def run_transformers(model, prompts: list[list[int]], new_tokens: int, device: t
     return time.perf_counter() - t0, ttft
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(seconds until every request finished, mean time to first token)."""
+def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, float]:
+    """(seconds until every request finished, mean time to first token, median seconds of the steps
+    in which every request was decoding)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     t0 = time.time()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params)
     first: dict[str, float] = {}
+    decode_steps: list[float] = []
     while engine.has_unfinished():
+        all_decoding = not engine.scheduler.waiting and all(
+            s.num_uncomputed_tokens == 1 for s in engine.scheduler.running)
+        start = time.perf_counter()
         for out in engine.step():
+            if out.finish_reason == "error":
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
             first.setdefault(out.request_id, out.times.first_token)
+        if all_decoding and len(engine.scheduler.running) == len(prompts):
+            decode_steps.append(time.perf_counter() - start)
     seconds = time.time() - t0
-    return seconds, sum(first.values()) / len(first) - t0
+    decode_step = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
+    return seconds, sum(first.values()) / len(first) - t0, decode_step
+
+
+def decode_bytes_per_step(config, batch: int, context: int, ratio: float, dtype_bytes: int = 2) -> float:
+    """The fewest bytes one decode step must read: every attention and dense weight, the shared
+    experts, the routed experts a uniform router is expected to hit at this batch, lm_head, and the
+    batch's cached tokens (this is the memory-bandwidth floor of a decode step)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    q = h * heads * qk if config.q_lora_rank is None else config.q_lora_rank * (h + heads * qk)
+    attention = (q + h * (config.kv_lora_rank + config.qk_rope_head_dim)
+                 + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+                 + heads * config.v_head_dim * h)
+    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
+    expert = 3 * h * config.moe_intermediate_size
+    hit = experts * (1 - (1 - top_k / experts) ** batch)
+    dense = config.first_k_dense_replace
+    params = (config.num_hidden_layers * attention + dense * 3 * h * config.intermediate_size
+              + (config.num_hidden_layers - dense) * ((hit + config.n_shared_experts) * expert + experts * h)
+              + config.vocab_size * h)
+    kv = batch * context * get_kv_cache_size(config, compression_ratio=ratio).bytes_per_token
+    return params * dtype_bytes + kv
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device memory bandwidth in bytes/s, measured as a large device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def bench(args) -> list[Row]:
@@ -125,6 +173,9 @@ def bench(args) -> list[Row]:
     model, tokenizer = build_model(args, device, dtype)
     vocab = model.config.vocab_size
     rows: list[Row] = []
+    bandwidth = copy_bandwidth(device)
+    if bandwidth:
+        print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     max_batch = max(b for w in args.workload for b in w.batch_sizes)
     max_len = max(w.prompt_len + w.new_tokens for w in args.workload) + 16  # room for the profile run
     if not args.skip_transformers:
@@ -152,12 +203,17 @@ def bench(args) -> list[Row]:
         for w in args.workload:
             for b in w.batch_sizes:
                 reset_peak(device)
-                seconds, ttft = run_engine(engine, random_prompts(vocab, b, w.prompt_len, seed=b), w.new_tokens)
+                prompts = random_prompts(vocab, b, w.prompt_len, seed=b)
+                seconds, ttft, step_s = run_engine(engine, prompts, w.new_tokens)
                 stats = engine.stats()
+                floor_s = decode_bytes_per_step(model.config, b, w.prompt_len + w.new_tokens // 2, ratio) / bandwidth \
+                    if bandwidth else float("nan")
                 rows.append(Row(f"engine@{ratio}", w.prompt_len, w.new_tokens, b, seconds, b * w.new_tokens / seconds,
                                 ttft, peak_gib(device), stats.kv_bytes_per_token,
                                 {"kv_capacity_tokens": stats.kv_capacity_tokens,
-                                 "preemptions": stats.num_preemptions_total}))
+                                 "preemptions": stats.num_preemptions_total,
+                                 "decode_step_ms": step_s * 1e3, "decode_floor_ms": floor_s * 1e3,
+                                 "bandwidth_fraction": floor_s / step_s}))
                 print_row(rows[-1])
         if args.profile_batch:
             profile_decode(engine, vocab, args.profile_batch, args.workload[0].prompt_len, device,
@@ -195,8 +251,10 @@ def profile_decode(engine: LLMEngine, vocab: int, batch: int, prompt_len: int, d
 
 
 def print_row(row: Row) -> None:
+    step = row.extra.get("decode_step_ms")
     print(f"  {row.system:<14} prompt {row.prompt_len:>5} new {row.new_tokens:>4} batch {row.batch:>4}: "
-          f"{row.output_tok_s:>9.1f} tok/s  ttft {row.ttft_s:.3f}s", flush=True)
+          f"{row.output_tok_s:>9.1f} tok/s  ttft {row.ttft_s:.3f}s"
+          + (f"  decode step {step:.2f} ms" if step is not None else ""), flush=True)
 
 
 def table(rows: list[Row], ratios: list[float]) -> str:
@@ -206,6 +264,7 @@ def table(rows: list[Row], ratios: list[float]) -> str:
     shapes = sorted({(r.prompt_len, r.new_tokens, r.batch) for r in rows})
     head = ["prompt", "new", "batch"] + [f"{s} tok/s" for s in systems] + [f"{s} ttft s" for s in systems[1:]]
     head += ["KV B/token " + s for s in systems[1:]]
+    head += [f"{s} decode step ms (% of BW floor)" for s in systems[1:]]
     base = f"engine@{ratios[0]}"
     comparisons = [(f"engine@{r}/transformers", f"engine@{r}", "transformers") for r in ratios]
     comparisons += [(f"engine@{r}/{base}", f"engine@{r}", base) for r in ratios[1:]]
@@ -217,6 +276,8 @@ def table(rows: list[Row], ratios: list[float]) -> str:
         cells += [f"{get(s).output_tok_s:.1f}" if get(s) else "-" for s in systems]
         cells += [f"{get(s).ttft_s:.3f}" if get(s) else "-" for s in systems[1:]]
         cells += [f"{get(s).kv_bytes_per_token:,}" if get(s) else "-" for s in systems[1:]]
+        cells += [f"{get(s).extra['decode_step_ms']:.2f} ({100 * get(s).extra['bandwidth_fraction']:.0f}%)"
+                  if get(s) else "-" for s in systems[1:]]
         cells += [f"{get(a).output_tok_s / get(b).output_tok_s:.2f}x" if get(a) and get(b) else "-"
                   for _, a, b in comparisons]
         lines.append("| " + " | ".join(cells) + " |")

@@ -94,9 +94,10 @@ class AsyncLLMEngine:
         try:
             while not self._stop.is_set():
                 self._apply_commands(block=not self.engine.has_unfinished())
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()  # before delivery: a client that saw its tokens sees them counted
+                for out in outputs:
                     self._deliver(out)
-                self._stats = self.engine.stats()
         except BaseException as exc:  # noqa: BLE001 - report to every waiting request, then die
             log.exception("engine loop crashed")
             self._crashed = exc
@@ -133,7 +134,6 @@ class AsyncLLMEngine:
             self._resolve(request_id, accepted, None)
         except ValueError as exc:
             self._resolve(request_id, accepted, exc)
-        self._stats = self.engine.stats()
 
     def _resolve(self, request_id: str, future: asyncio.Future, error: Exception | None) -> None:
         entry = self._streams.get(request_id)

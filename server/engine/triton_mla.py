@@ -31,7 +31,9 @@ from torch import Tensor
 LOG2_E = 1.4426950408889634
 MIN_HEADS = 16  # tl.dot needs M >= 16; smaller head counts are padded
 MIN_SPLIT_TOKENS = 128  # never split a context into pieces shorter than this: partials cost bytes
-MAX_SPLITS = 64
+# CUDA graphs pick the split count from max_model_len, so short contexts inherit it; on the H200
+# (batch 1, 4224 tokens) 16 splits ran 70 us, 32 ran 67 us: beyond 16 only the merge grows.
+MAX_SPLITS = 16
 DEFAULT_NUM_SMS = 132  # H200; used when no CUDA device is visible (interpreter)
 
 
