@@ -66,6 +66,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+from gpu_timing import bench_ms, capture_graph, gbps  # noqa: E402
 from server.engine.paged_attention import paged_mla_decode_torch  # noqa: E402
 from server.engine.triton_mla import (  # noqa: E402
     choose_num_splits,
@@ -163,33 +164,6 @@ def check_output(out: torch.Tensor, want: torch.Tensor, row: Row, what: str) -> 
         row.notes.append(f"{what}: {nan} NaN, rel_err {err:.2e}")
 
 
-def bench(fn) -> float:
-    """Median ms. On the GPU: triton's do_bench (L2 flushed before each run); on the CPU: one run."""
-    if DEVICE.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-
-
-def capture_graph(fn) -> "torch.cuda.CUDAGraph":
-    """Capture fn into a CUDA graph after an eager warm-up on a side stream (compiles the kernels)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
-def gbps(nbytes: int, ms: float | None) -> float | None:
-    return None if not ms else nbytes / (ms * 1e-3) / 1e9
-
-
 def run_config(r: int, block_size: int, batch: int, context: int) -> Row:
     row = Row(r, block_size, batch, context)
     try:
@@ -204,14 +178,14 @@ def run_config(r: int, block_size: int, batch: int, context: int) -> Row:
 
         kernel()
         check_output(out, want, row, "eager")
-        row.triton_ms = bench(kernel)
-        row.torch_ms = bench(lambda: paged_mla_decode_torch(*inp.args(), max_context_len=context))
+        row.triton_ms = bench_ms(kernel, DEVICE)
+        row.torch_ms = bench_ms(lambda: paged_mla_decode_torch(*inp.args(), max_context_len=context), DEVICE)
         if DEVICE.type == "cuda":
             graph = capture_graph(kernel)
             out.fill_(float("nan"))
             graph.replay()
             check_output(out, want, row, "graph")
-            row.graph_ms = bench(graph.replay)
+            row.graph_ms = bench_ms(graph.replay, DEVICE)
             del graph
         nbytes = inp.bytes_read()
         row.gbps, row.graph_gbps = gbps(nbytes, row.triton_ms), gbps(nbytes, row.graph_ms)
@@ -272,7 +246,7 @@ def sweep(r: int, batch: int, context: int, budget_end: float) -> list[dict]:
             kernel()
             entry["rel_err"] = rel_err(out, want)
             entry["ok"] = entry["rel_err"] <= TOLERANCE and not out.isnan().any().item()
-            entry["ms"] = bench(kernel)
+            entry["ms"] = bench_ms(kernel, DEVICE)
             entry["gbps"] = gbps(nbytes, entry["ms"])
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

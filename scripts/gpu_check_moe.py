@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+from gpu_timing import bench_ms, capture_graph, gbps  # noqa: E402
 from server.engine import fused_moe  # noqa: E402
 from server.engine.fused_moe import MoELaunchConfig, moe_experts_torch, moe_experts_triton  # noqa: E402
 
@@ -145,42 +146,14 @@ def hf_experts(layer: Layer, implementation: str = "grouped_mm") -> torch.nn.Mod
 
 # ----------------------------------------------------------------------------- timing
 
-def bench_ms(fn) -> float:
-    """Median ms: triton's do_bench on the GPU (L2 flushed before each run); one run on the CPU."""
-    if DEVICE.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def capture(fn) -> "torch.cuda.CUDAGraph":
-    """CUDA graph of fn, after an eager warm-up on a side stream (compiles the kernels)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
 def graph_ms(fn) -> float | None:
     if DEVICE.type != "cuda":
         return None
-    graph = capture(fn)
+    graph = capture_graph(fn)
     try:
-        return bench_ms(graph.replay)
+        return bench_ms(graph.replay, DEVICE)
     finally:
         del graph
-
-
-def gbps(nbytes: int, ms: float | None) -> float | None:
-    return nbytes / (ms * 1e-3) / 1e9 if ms else None
 
 
 def short(exc: BaseException) -> str:
@@ -263,11 +236,11 @@ def run_row(layer: Layer, baseline: torch.nn.Module, tokens: int, routing: str, 
         triton_fn = lambda: moe_experts_triton(x, idx, w, layer.gate_up, layer.down)  # noqa: E731
         base_fn = lambda: baseline(x, idx, w)  # noqa: E731
         ref_fn = lambda: moe_experts_torch(x, idx, w, layer.gate_up, layer.down)  # noqa: E731
-        row.triton_us = timed(row, "triton", us(lambda: bench_ms(triton_fn)))
+        row.triton_us = timed(row, "triton", us(lambda: bench_ms(triton_fn, DEVICE)))
         row.triton_graph_us = timed(row, "triton graph", us(lambda: graph_ms(triton_fn)))
-        row.grouped_mm_us = timed(row, "grouped_mm time", us(lambda: bench_ms(base_fn)))
+        row.grouped_mm_us = timed(row, "grouped_mm time", us(lambda: bench_ms(base_fn, DEVICE)))
         row.grouped_mm_graph_us = timed(row, "grouped_mm graph", us(lambda: graph_ms(base_fn)))
-        row.reference_us = timed(row, "reference", us(lambda: bench_ms(ref_fn)))
+        row.reference_us = timed(row, "reference", us(lambda: bench_ms(ref_fn, DEVICE)))
         row.reference_graph_us = timed(row, "reference graph", us(lambda: graph_ms(ref_fn)))
         best = row.triton_graph_us or row.triton_us
         row.graph_gbps = gbps(nbytes, best and best / 1e3)
@@ -299,7 +272,7 @@ def run_step_graph(layers: list[Layer], tokens: int) -> dict:
 
         for name, fn in (("triton", run_triton), ("grouped_mm", run_baseline)):
             try:
-                ms = graph_ms(fn) if DEVICE.type == "cuda" else bench_ms(fn)  # dry run: eager
+                ms = graph_ms(fn) if DEVICE.type == "cuda" else bench_ms(fn, DEVICE)  # dry run: eager
                 entry[f"{name}_graph_us"] = 1e3 * ms
                 entry[f"{name}_gbps"] = gbps(nbytes, ms)
             except Exception as exc:  # noqa: BLE001
@@ -324,7 +297,7 @@ def run_sweep(layer: Layer, deadline: float) -> list[dict]:
                 err, nans = compare(poisoned_triton(x, idx, w, layer, cfg), want)
                 entry.update(rel_err=err, ok=nans == 0 and err <= TOLERANCE)
                 fn = lambda: moe_experts_triton(x, idx, w, layer.gate_up, layer.down, config=cfg)  # noqa: E731
-                ms = graph_ms(fn) if DEVICE.type == "cuda" else bench_ms(fn)
+                ms = graph_ms(fn) if DEVICE.type == "cuda" else bench_ms(fn, DEVICE)
                 entry.update(graph_us=1e3 * ms, gbps=gbps(distinct_bytes(idx), ms))
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = short(exc)

@@ -8,7 +8,6 @@ imports triton when it is installed, so the kernel checks run in a child process
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # so the child process (run as a script) finds `server`
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.interpreter import TRITON_MISSING, run_under_interpreter  # noqa: E402
+
 from server.engine import fused_moe  # noqa: E402
 from server.engine.fused_moe import (  # noqa: E402
     FusedMoEExperts,
@@ -28,7 +29,6 @@ from server.engine.fused_moe import (  # noqa: E402
     uninstall_fused_moe,
 )
 
-TRITON_MISSING = 3  # the child's exit code when triton cannot be imported
 
 
 @dataclass
@@ -156,16 +156,7 @@ def test_install_and_uninstall_keep_logits_identical():
 # ---------------------------------------------------------------- Triton kernels (child process)
 
 def test_triton_kernels_under_interpreter_match_reference():
-    import pytest
-
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240
-    )
-    if proc.returncode == TRITON_MISSING:
-        pytest.skip(f"triton cannot be imported: {proc.stdout.strip()}")
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr}"
-    print(proc.stdout)
+    run_under_interpreter(__file__)
 
 
 # (kind, make_case kwargs): each row exercises one path of the kernels.

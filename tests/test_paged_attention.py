@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # so the child process (run as a script) finds `server`
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.interpreter import TRITON_MISSING, run_under_interpreter  # noqa: E402
+
 from server.engine.paged_attention import paged_mla_decode, paged_mla_decode_torch  # noqa: E402
 
-TRITON_MISSING = 3  # the child's exit code when triton cannot be imported
 
 
 @dataclass
@@ -145,16 +145,7 @@ def test_dispatcher_uses_torch_on_cpu_and_fills_out():
 # ---------------------------------------------------------------- Triton kernel (child process)
 
 def test_triton_kernel_under_interpreter_matches_torch():
-    import pytest
-
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240
-    )
-    if proc.returncode == TRITON_MISSING:
-        pytest.skip(f"triton cannot be imported: {proc.stdout.strip()}")
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr}"
-    print(proc.stdout)
+    run_under_interpreter(__file__)
 
 
 # (kind, lens, heads, r, P, block_size, dtype, options): each row exercises one path of the kernel.
