@@ -66,7 +66,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from gpu_timing import bench_ms, capture_graph, gbps  # noqa: E402
+from gpu_check_common import bench_ms, capture_graph, gbps, write_report  # noqa: E402
 from server.engine.paged_attention import paged_mla_decode_torch  # noqa: E402
 from server.engine.triton_mla import (  # noqa: E402
     choose_num_splits,
@@ -299,17 +299,9 @@ def print_sweep(entries: list[dict]) -> None:
               f"{fmt(e.get('gbps'), '.0f'):>7}  {status}")
 
 
-def output_path() -> Path:
-    if ARGS.out is not None:
-        return ARGS.out
-    return Path(os.environ.get("OUT") or ".") / "kernel_check.json"
-
-
-def write_json(report: dict) -> None:
-    report["elapsed_s"] = round(time.perf_counter() - START, 1)
-    path = output_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
+def write_json(report: dict) -> Path:
+    path = write_report(report, ARGS.out, "kernel_check.json", START)
+    return path
 
 
 def aot_report(capability: int = 90) -> list[dict]:
@@ -415,10 +407,10 @@ def main() -> int:
     print(f"\npaged MLA decode, H={HEADS}, P={ROPE_DIM}, bf16; ms = median (do_bench, L2 flushed); "
           f"GB/s on cache+query+output bytes; peak {PEAK_GBPS:.0f} GB/s")
     print_table(rows)
-    write_json(report)
+    path = write_json(report)
     failed = [row for row in rows + ragged if not row.ok]
     print(f"\n{len(rows) + len(ragged) - len(failed)}/{len(rows) + len(ragged)} configurations ok; "
-          f"{time.perf_counter() - START:.1f}s; JSON: {output_path()}")
+          f"{time.perf_counter() - START:.1f}s; JSON: {path}")
     return 1 if failed else 0
 
 

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from gpu_timing import bench_ms, capture_graph, gbps  # noqa: E402
+from gpu_check_common import bench_ms, capture_graph, gbps, write_report  # noqa: E402
 from server.engine import fused_moe  # noqa: E402
 from server.engine.fused_moe import MoELaunchConfig, moe_experts_torch, moe_experts_triton  # noqa: E402
 
@@ -442,18 +442,10 @@ def print_sweep(entries: list[dict]) -> None:
               f"{fmt(e.get('gbps'), '6.0f')} GB/s  {status}")
 
 
-def output_path() -> Path:
-    if ARGS.out is not None:
-        return ARGS.out
-    return Path(os.environ.get("OUT") or ".") / "moe_check.json"
-
-
-def write_json(report: dict) -> None:
-    report["elapsed_s"] = round(time.perf_counter() - START, 1)
-    path = output_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
+def write_json(report: dict) -> Path:
+    path = write_report(report, ARGS.out, "moe_check.json", START)
     print(f"\nwrote {path} ({report['elapsed_s']} s)")
+    return path
 
 
 def main() -> int:

@@ -1,7 +1,10 @@
-"""Timing helpers shared by the GPU check scripts (run as `python scripts/gpu_check_*.py`)."""
+"""Timing and report helpers shared by the GPU check scripts (`python scripts/gpu_check_*.py`)."""
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,3 +37,12 @@ def capture_graph(fn) -> "torch.cuda.CUDAGraph":
 
 def gbps(nbytes: int, ms: float | None) -> float | None:
     return nbytes / (ms * 1e-3) / 1e9 if ms else None
+
+
+def write_report(report: dict, out: Path | None, default_name: str, started: float) -> Path:
+    """Write the JSON report to `out`, else to $OUT/default_name (what the device tool brings back)."""
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    path = out if out is not None else Path(os.environ.get("OUT") or ".") / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    return path
