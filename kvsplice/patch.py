@@ -39,7 +39,14 @@ class SpliceEncoder(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         latent, k_pe = split_latent(self.kv_a_proj(hidden_states), self.splice.latent_dim)
         code = self.splice.encode(self.kv_a_layernorm(latent))
-        return torch.cat([code, k_pe], dim=-1)
+        rank, rope = code.shape[-1], k_pe.shape[-1]
+        # transformers splits k_pe off this output and views it as complex numbers, which needs an
+        # even storage offset and row stride: with an odd rank, write it one element into a buffer.
+        shift = rank % 2
+        out = code.new_empty(*code.shape[:-1], shift + rank + rope)[..., shift:]
+        out[..., :rank] = code
+        out[..., rank:] = k_pe
+        return out
 
 
 class SpliceDecoder(nn.Module):

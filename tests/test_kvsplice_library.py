@@ -194,3 +194,15 @@ def test_save_load_round_trip(lite_model, tmp_path):
         assert b.init_method == "pca" and b.compression_ratio == 0.25
         for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(ta, tb), name
+
+
+def test_odd_code_width_runs_in_float32(lite_model):
+    """0.7 of a 64-wide latent is 45 dims: the code is odd-width and transformers still finds an
+    evenly aligned k_pe to rotate (it views it as complex numbers)."""
+    model, tok = lite_model
+    patch_model_with_kvsplice(model, compression_ratio=0.7)
+    assert get_splices(model)[0].rank == 45
+    ids = encode(tok, batch=2)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (2, ids.shape[1] + 4)

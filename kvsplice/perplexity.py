@@ -1,0 +1,126 @@
+"""Perplexity with strided sliding windows: exp of the mean next-token NLL over a token stream.
+
+The text is tokenized once into a single stream. Window k covers tokens [begin, end) with
+begin = k * stride and end = begin + window, and scores only the tokens the previous window did not
+(its last `stride` tokens; the first window scores all its tokens but the first, which has no
+context). Every scored token thus gets at least `window - stride` tokens of context, each token is
+scored once, and the same windows give the same number whatever model runs on them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first input token
+    end: int  # one past the last input token
+    first_scored: int  # first position (absolute) whose token is scored
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def scored(self) -> int:
+        return self.end - self.first_scored
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    nll_sum: float  # natural-log NLL summed over scored tokens
+    tokens: int  # scored tokens
+    windows: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"mean_nll": self.mean_nll, "perplexity": self.perplexity}
+
+
+def encode_text(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-d token stream (with the tokenizer's BOS if it adds one)."""
+    # The stream is cut into windows here, so the tokenizer's model_max_length does not apply.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ids = backend.encode(text).ids
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int, max_windows: int | None = None) -> list[Window]:
+    """The strided windows over a stream of n_tokens (see the module docstring)."""
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n_tokens}")
+    windows: list[Window] = []
+    prev_end = 1  # token 0 is never scored: nothing precedes it
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        windows.append(Window(begin, end, prev_end))
+        prev_end = end
+        if end == n_tokens or (max_windows and len(windows) >= max_windows):
+            break
+    return windows
+
+
+def _batches(windows: Sequence[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length, at most batch_size per batch (no padding needed)."""
+    batches: list[list[Window]] = []
+    for w in windows:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].length == w.length:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    return batches
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, ids: torch.Tensor, batch: Sequence[Window]) -> tuple[float, int]:
+    """Summed NLL and count of the scored tokens of equal-length windows, in one forward pass."""
+    device = next(model.parameters()).device
+    inputs = torch.stack([ids[w.begin:w.end] for w in batch]).to(device)
+    logits = model(input_ids=inputs, use_cache=False).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), inputs[:, 1:], reduction="none")  # [B, L-1]
+    # Position j of nll predicts token begin + j + 1: keep those at or after first_scored.
+    offsets = torch.tensor([w.first_scored - w.begin - 1 for w in batch], device=device)
+    keep = torch.arange(nll.shape[1], device=device)[None, :] >= offsets[:, None]
+    return float(nll[keep].double().sum()), int(keep.sum())
+
+
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    windows: Sequence[Window],
+    batch_size: int = 4,
+    desc: str | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model` on the stream `ids` over `windows` (eval mode, no cache)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        batches = _batches(windows, batch_size)
+        for batch in tqdm(batches, desc=desc or "perplexity", leave=False, disable=desc is None):
+            nll, n = window_nll(model, ids, batch)
+            total, count = total + nll, count + n
+    finally:
+        model.train(was_training)
+    return PerplexityResult(nll_sum=total, tokens=count, windows=len(windows))
