@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import sys
 import time
@@ -257,6 +258,14 @@ def print_row(row: Row) -> None:
           + (f"  decode step {step:.2f} ms" if step is not None else ""), flush=True)
 
 
+def step_cell(row: Row | None) -> str:
+    """'12.34 (50%)': decode step ms and the bandwidth-floor fraction (no fraction on the CPU)."""
+    if row is None:
+        return "-"
+    fraction = row.extra["bandwidth_fraction"]
+    return f"{row.extra['decode_step_ms']:.2f}" + ("" if math.isnan(fraction) else f" ({100 * fraction:.0f}%)")
+
+
 def table(rows: list[Row], ratios: list[float]) -> str:
     """One line per workload and batch: each system's tok/s, the engine/transformers and ratio ratios."""
     systems = ["transformers"] + [f"engine@{r}" for r in ratios]
@@ -276,8 +285,7 @@ def table(rows: list[Row], ratios: list[float]) -> str:
         cells += [f"{get(s).output_tok_s:.1f}" if get(s) else "-" for s in systems]
         cells += [f"{get(s).ttft_s:.3f}" if get(s) else "-" for s in systems[1:]]
         cells += [f"{get(s).kv_bytes_per_token:,}" if get(s) else "-" for s in systems[1:]]
-        cells += [f"{get(s).extra['decode_step_ms']:.2f} ({100 * get(s).extra['bandwidth_fraction']:.0f}%)"
-                  if get(s) else "-" for s in systems[1:]]
+        cells += [step_cell(get(s)) for s in systems[1:]]
         cells += [f"{get(a).output_tok_s / get(b).output_tok_s:.2f}x" if get(a) and get(b) else "-"
                   for _, a, b in comparisons]
         lines.append("| " + " | ".join(cells) + " |")
