@@ -21,18 +21,23 @@ from kvsplice.model_source import ModelNotFound, load_config
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def checked_number(convert, valid, rule: str):
+    """An argparse type: parse with `convert`, refuse values `valid` rejects (argparse names the flag)."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'" for unparsable text
+    return parse
 
 
-def ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+positive_int = checked_number(int, lambda value: value >= 1, "must be >= 1")
+
+
+ratio = checked_number(float, lambda value: 0.0 < value <= 1.0, "must be in (0, 1]")
 
 
 def ratio_list(text: str) -> list[float]:
@@ -76,18 +81,10 @@ def run_estimate(args: argparse.Namespace) -> int:
 INITS = ("truncate", "orthogonal", "pca")
 
 
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+nonnegative_int = checked_number(int, lambda value: value >= 0, "must be >= 0")
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+positive_float = checked_number(float, lambda value: value > 0, "must be > 0")
 
 
 def fraction(text: str) -> float:

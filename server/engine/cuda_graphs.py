@@ -45,6 +45,7 @@ class DecodeGraphs:
             block_tables=self.block_tables[:batch],
             context_lens=self.context_lens[:batch],
             query_lens=[1] * batch,
+            query_starts=list(range(batch)),
             context_lens_list=[],
             decode_seqs=self.rows[:batch],
             decode_tokens=self.rows[:batch],

@@ -32,6 +32,7 @@ class AttentionMetadata:
     block_tables: Tensor  # [B, max_blocks] int32
     context_lens: Tensor  # [B] int32, cached tokens per sequence after this step's writes
     query_lens: list[int]  # new tokens per sequence (the flattened batch is their concatenation)
+    query_starts: list[int]  # row of each sequence's first new token in the flattened batch
     context_lens_list: list[int]
     decode_seqs: Tensor  # [Bd] indices of sequences with one new token (absorbed path)
     decode_tokens: Tensor  # [Bd] their token rows in the flattened batch
@@ -104,11 +105,8 @@ class PagedMLAAttention(nn.Module):
             out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, meta)
         if meta.fresh_index is not None:
             out[meta.fresh_rows] = self._prefill_fresh(q_nope, q_pe, code.to(kv_cache.dtype), k_pe, meta)
-        starts = [0]
-        for n in meta.query_lens:
-            starts.append(starts[-1] + n)
         for i in meta.prefill_seqs:
-            rows = slice(starts[i], starts[i + 1])
+            rows = slice(meta.query_starts[i], meta.query_starts[i] + meta.query_lens[i])
             out[rows] = self._prefill(q_nope[rows], q_pe[rows], kv_cache, meta, i)
         return self.attn.o_proj(out.reshape(x.shape[0], -1))
 

@@ -152,6 +152,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
             query_lens=query_lens,
+            query_starts=starts,
             context_lens_list=context_lens,
             decode_seqs=torch.tensor(decode, dtype=torch.long, device=dev),
             decode_tokens=torch.tensor([starts[i] for i in decode], dtype=torch.long, device=dev),
