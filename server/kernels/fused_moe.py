@@ -206,6 +206,23 @@ def fused_experts_looped(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13:
     return out.to(x.dtype)
 
 
+def append_shared_experts(w13: Tensor, w2: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                          num_shared: int) -> tuple[Tensor, Tensor]:
+    """Routed experts [E, 2I, H] / [E, H, I] plus DeepSeek's shared-experts MLP (gate_proj and
+    up_proj weights [S*I, H], down_proj [H, S*I]) as S extra experts E..E+S-1: [E+S, 2I, H],
+    [E+S, H, I]. Exact: silu acts per intermediate column, so the MLP's output is the sum of its
+    S column slices' outputs, which the router's weight-1 shared columns add up."""
+    inter = w2.shape[-1]
+    if gate.shape != (num_shared * inter, w13.shape[-1]) or up.shape != gate.shape:
+        raise ValueError(f"shared gate/up {tuple(gate.shape)} do not match {num_shared} x I={inter}")
+    if down.shape != (w13.shape[-1], num_shared * inter):
+        raise ValueError(f"shared down {tuple(down.shape)} does not match {num_shared} x I={inter}")
+    shared13 = torch.cat([gate.view(num_shared, inter, -1), up.view(num_shared, inter, -1)], dim=1)
+    shared2 = down.view(down.shape[0], num_shared, inter).permute(1, 0, 2)
+    return (torch.cat([w13, shared13.to(w13.dtype)]).contiguous(),
+            torch.cat([w2, shared2.to(w2.dtype)]).contiguous())
+
+
 # ----------------------------------------------------------------------------- alignment kernels
 
 @jit
@@ -578,7 +595,7 @@ def _check_inputs(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13: Tensor
 
 
 __all__ = [
-    "Alignment", "DEFAULT_CONFIGS", "GemmTile", "MoEConfig", "config_table", "fused_experts",
+    "Alignment", "DEFAULT_CONFIGS", "append_shared_experts", "GemmTile", "MoEConfig", "config_table", "fused_experts",
     "fused_experts_looped", "fused_experts_torch", "fused_experts_triton", "get_config", "load_config_file",
     "max_padded_pairs", "moe_align", "moe_gemm_down", "moe_gemm_up", "moe_sum",
 ]
