@@ -98,7 +98,8 @@ class MoEConfig:
 def _from_fact_sheet(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> MoEConfig:
     # The tuned kernel computes gate and up columns in separate programs; ours holds both, so a
     # [BM, bn] tile there is a [BM, bn/2] x 2 tile here (same registers and shared memory).
-    return MoEConfig(bm, GemmTile(max(MIN_DOT, bn // 2), bk, group, warps, stages), GemmTile(bn, bk, group, warps, stages))
+    up = GemmTile(max(MIN_DOT, bn // 2), bk, group, warps, stages)
+    return MoEConfig(bm, up, GemmTile(bn, bk, group, warps, stages))
 
 
 # Public tuned table (E=64, N=1280, H200, bf16): T -> (BM, BN, BK, GROUP_M, warps, stages).

@@ -223,7 +223,8 @@ def _check(latent: Tensor, k_pe: Tensor, q_pe: Tensor, positions: Tensor, cos: T
     rope = k_pe.shape[-1]
     code = latent_dim if z_raw is None else z_raw.shape[-1]
     if rope % 2 or k_pe.shape != (tokens, rope) or q_pe.dim() != 3 or q_pe.shape[0] != tokens or q_pe.shape[2] != rope:
-        raise ValueError(f"k_pe {tuple(k_pe.shape)} / q_pe {tuple(q_pe.shape)} do not match latent {tuple(latent.shape)}")
+        raise ValueError(f"k_pe {tuple(k_pe.shape)} / q_pe {tuple(q_pe.shape)} do not match "
+                         f"latent {tuple(latent.shape)}")
     if z_raw is None and (norm_weight is None or norm_weight.shape != (latent_dim,)):
         raise ValueError("without z_raw, norm_weight [L] is required")
     if z_raw is not None and z_raw.shape[0] != tokens:
