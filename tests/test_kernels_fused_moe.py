@@ -230,6 +230,7 @@ CASES = [
     ("T=1", dict(tokens=1), TINY),
     ("T=3, expert 3 in every token", dict(tokens=3), TINY),
     ("T=3 bf16", dict(tokens=3, dtype=torch.bfloat16), TINY),
+    ("T=2 fp16", dict(tokens=2, dtype=torch.float16), TINY),
     ("20 tokens on 2 experts (> BLOCK_M)", dict(tokens=20, shared=(1, 5)), TINY),
     ("K=6 of E=16, odd H/I, BLOCK_K not dividing H", dict(tokens=3, experts=16, top_k=6, hidden=40, inter=24,
                                                           shared=(0, 7)), MoEConfig(16, GemmTile(16, 32), GemmTile(32, 16))),
