@@ -37,7 +37,10 @@ scripts/gpu_bench_kernels.py writes it) overrides them.
 
 No host syncs and no data-dependent shapes on the Triton path (only T, K, E and the config set
 the launches): a call can be captured in a CUDA graph once its kernels are compiled (run one
-eager call per token count first). fp32 accumulation everywhere; bf16/fp16/fp32 weights.
+eager call per token count first). bf16/fp16/fp32 weights; the GEMMs accumulate in fp32, h is
+rounded to the weight dtype (as transformers computes it), and each pair's weighted down output
+is rounded to x's dtype in ybuf before the fp32 sum over k (as vLLM does: at T = 16384 an fp32
+ybuf would be 1 GB of extra traffic).
 """
 from __future__ import annotations
 
