@@ -1,39 +1,35 @@
 """How many bytes the MLA cache holds per token, with and without a splice, and what a cache holds.
 
 Per token and layer MLA stores the latent (kv_lora_rank values, or the r-wide splice code) plus the
-RoPE key (qk_rope_head_dim values, shared by all heads). The seed's formula forgot the RoPE part.
+RoPE key (qk_rope_head_dim values, shared by all heads). Both count: a formula without the RoPE part understates the cache by 64 / 576 at ratio 1.0.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from kvsplice.splice import rank_for_ratio
+from kvsplice.cache_layout import CacheLayout
 
 
 @dataclass(frozen=True)
 class KVCacheSize:
-    num_layers: int
-    latent_dim: int  # kv_lora_rank
-    code_dim: int  # values stored for the latent (= latent_dim at ratio 1.0)
-    rope_dim: int  # qk_rope_head_dim, stored as is
-    dtype_bytes: int
+    """A cache layout applied to a workload of `batch_size` sequences of `seq_len` tokens."""
+
+    layout: CacheLayout
     batch_size: int
     seq_len: int
-    compression_ratio: float
+    compression_ratio: float  # as asked for (the layout's code_dim is what it gives)
+
+    def __getattr__(self, name: str):
+        # num_layers, code_dim, bytes_per_token, ...: the layout answers for one token.
+        if name == "layout":
+            raise AttributeError(name)
+        return getattr(self.layout, name)
 
     @property
-    def code_bytes_per_token(self) -> int:
-        return self.num_layers * self.code_dim * self.dtype_bytes
-
-    @property
-    def rope_bytes_per_token(self) -> int:
-        return self.num_layers * self.rope_dim * self.dtype_bytes
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.code_bytes_per_token + self.rope_bytes_per_token
+    def dtype_bytes(self) -> int:
+        return self.layout.bytes_per_value
 
     @property
     def tokens(self) -> int:
@@ -41,17 +37,17 @@ class KVCacheSize:
 
     @property
     def total_bytes(self) -> int:
-        return self.bytes_per_token * self.tokens
+        return self.layout.bytes_per_token * self.tokens
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.update(
-            code_bytes_per_token=self.code_bytes_per_token,
-            rope_bytes_per_token=self.rope_bytes_per_token,
-            bytes_per_token=self.bytes_per_token,
+        lay = self.layout
+        return dict(
+            num_layers=lay.num_layers, latent_dim=lay.latent_dim, code_dim=lay.code_dim, rope_dim=lay.rope_dim,
+            dtype_bytes=lay.bytes_per_value, batch_size=self.batch_size, seq_len=self.seq_len,
+            compression_ratio=self.compression_ratio, code_bytes_per_token=lay.code_bytes_per_token,
+            rope_bytes_per_token=lay.rope_bytes_per_token, bytes_per_token=lay.bytes_per_token,
             total_bytes=self.total_bytes,
         )
-        return d
 
 
 def get_kv_cache_size(
@@ -62,18 +58,7 @@ def get_kv_cache_size(
     dtype: torch.dtype = torch.bfloat16,
 ) -> KVCacheSize:
     """Breakdown of the cache for `batch_size` sequences of `seq_len` tokens at a compression ratio."""
-    latent_dim = config.kv_lora_rank
-    code_dim = latent_dim if compression_ratio == 1.0 else rank_for_ratio(latent_dim, compression_ratio)
-    return KVCacheSize(
-        num_layers=config.num_hidden_layers,
-        latent_dim=latent_dim,
-        code_dim=code_dim,
-        rope_dim=config.qk_rope_head_dim,
-        dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-        batch_size=batch_size,
-        seq_len=seq_len,
-        compression_ratio=compression_ratio,
-    )
+    return KVCacheSize(CacheLayout.for_ratio(config, compression_ratio, dtype), batch_size, seq_len, compression_ratio)
 
 
 def measure_cache_bytes(cache) -> int:

@@ -34,12 +34,18 @@ def served_name(model: str) -> str:
     return "kvsplice-tiny" if model == BUILTIN_NAME else model
 
 
+def shipped_config_name(source: str) -> str | None:
+    """The shipped config for `source` (a shipped name or its hub id), or None."""
+    name = _HUB_ALIASES.get(source, source)
+    return name if name in SHIPPED_CONFIGS else None
+
+
 def load_config(source: str, trust_remote_code: bool = False):
     """A transformers config from a shipped name, a config.json file, a model dir or a hub id."""
     from transformers import AutoConfig
 
-    name = _HUB_ALIASES.get(source, source)
-    if name in SHIPPED_CONFIGS:
+    name = shipped_config_name(source)
+    if name is not None:
         return AutoConfig.from_pretrained(str(SHIPPED_CONFIGS[name]))
     path = Path(resolve_model_path(source))
     if path.is_file() or path.is_dir():

@@ -24,13 +24,13 @@ def rank_for_ratio(latent_dim: int, compression_ratio: float) -> int:
 class LearnedKVSplice(nn.Module):
     """Encode a latent into an r-wide code and decode it back with an affine (foldable) map.
 
-    encode: optional per-dim affine transform (the seed's scale/shift), linear projection to r dims
+    encode: optional per-dim affine transform (a learnable scale/shift), linear projection to r dims
     (with a bias so a centred PCA code fits), optional LayerNorm on the code.
     decode: `expand(z) = W_e z + b_e`, affine so it can be folded into `kv_b_proj`.
 
     The LayerNorm is off by default: it divides every token's code by that token's own spread, a
     per-token scale the affine decode cannot restore, so neither `truncate` nor `pca` reconstructs
-    the latent with it on (the seed's "identity at initialisation" claim did not hold with it).
+    the latent with it on (so it is not the identity at initialisation either).
     """
 
     def __init__(
@@ -79,7 +79,7 @@ class LearnedKVSplice(nn.Module):
 
     @torch.no_grad()
     def init_truncate(self) -> None:
-        """The seed's initialisation: keep the first r latent coordinates, drop the rest."""
+        """Keep the first r latent coordinates, drop the rest (data-free; the original plug-in's init)."""
         basis = torch.eye(self.latent_dim)[: self.rank].T  # [latent_dim, rank]
         self._set_basis(basis, mean=torch.zeros(self.latent_dim))
         self.init_method = "truncate"

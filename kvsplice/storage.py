@@ -32,19 +32,29 @@ def architecture_of(config) -> dict:
     return {name: getattr(config, name, None) for name in _ARCH_FIELDS}
 
 
+FINGERPRINT_WEIGHT = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # its checkpoint name
+
+
 @torch.no_grad()
-def model_fingerprint(model: nn.Module, layer_pattern: str = "model.layers") -> str:
+def fingerprint(config, kv_a_weight: torch.Tensor) -> str:
     """A short hash of the architecture and of the first MLA down-projection's weights.
 
-    Weights are rounded to bf16 first so the same checkpoint loaded in fp32 or bf16 matches.
+    Weights are rounded to bf16 first so the same checkpoint loaded in fp32 or bf16 matches. Any
+    loader can compute it: transformers' model (`model_fingerprint`) or the serving engine, which
+    reads FINGERPRINT_WEIGHT from the checkpoint.
     """
+    sample = kv_a_weight.detach().flatten()[:4096].to(device="cpu", dtype=torch.bfloat16).float()
+    h = hashlib.sha256(json.dumps(architecture_of(config), sort_keys=True).encode())
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module, layer_pattern: str = "model.layers") -> str:
+    """`fingerprint` of a transformers model (patched or not)."""
     attn = find_mla_layers(model, layer_pattern)[0]
     proj = attn.kv_a_proj_with_mqa
     weight = getattr(proj, "kv_a_proj", proj).weight  # unwrap a patched encoder
-    sample = weight.detach().flatten()[:4096].to(device="cpu", dtype=torch.bfloat16).float()
-    h = hashlib.sha256(json.dumps(architecture_of(model.config), sort_keys=True).encode())
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return fingerprint(model.config, weight)
 
 
 def save_splices(
@@ -91,12 +101,16 @@ def read_splice_metadata(path: str | Path) -> dict:
     return meta
 
 
-def load_splices(path: str | Path, model: nn.Module | None = None, strict: bool = True) -> list[LearnedKVSplice]:
-    """Read splices back; with `model`, refuse a file made for another model (strict=False skips the
-    weight fingerprint check but never the shape checks)."""
+def load_splices(path: str | Path, model: nn.Module | None = None, strict: bool = True, *,
+                 config=None, model_fingerprint_value: str | None = None) -> list[LearnedKVSplice]:
+    """Read splices back. With `model` (a transformers model), or with `config` and the fingerprint
+    of the weights they will serve, refuse a file made for another model (strict=False skips the
+    weight fingerprint check but never the architecture check)."""
     meta = read_splice_metadata(path)
     if model is not None:
-        _check_matches(meta, model, strict, path)
+        config, model_fingerprint_value = model.config, model_fingerprint(model)
+    if config is not None:
+        _check_matches(meta, config, model_fingerprint_value if strict else None, path)
     splices = []
     with safe_open(str(path), framework="pt") as f:
         keys = f.keys()
@@ -115,16 +129,16 @@ def load_splices(path: str | Path, model: nn.Module | None = None, strict: bool 
     return splices
 
 
-def _check_matches(meta: dict, model: nn.Module, strict: bool, path) -> None:
-    arch = architecture_of(model.config)
+def _check_matches(meta: dict, config, weights_fingerprint: str | None, path) -> None:
+    arch = architecture_of(config)
     saved_arch = json.loads(meta["architecture"])
     diffs = {k: (saved_arch.get(k), v) for k, v in arch.items() if saved_arch.get(k) != v}
     if diffs:
         detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in diffs.items())
         raise SpliceFileMismatch(f"{path} was made for another model architecture ({detail})")
-    if strict and meta["model_fingerprint"] != model_fingerprint(model):
+    if weights_fingerprint is not None and meta["model_fingerprint"] != weights_fingerprint:
         raise SpliceFileMismatch(
             f"{path} was calibrated on another model ({meta.get('model_name') or 'unnamed'}, fingerprint "
-            f"{meta['model_fingerprint']}), not this one ({model_fingerprint(model)}); recalibrate, or load "
+            f"{meta['model_fingerprint']}), not this one ({weights_fingerprint}); recalibrate, or load "
             "with strict=False to use it anyway"
         )
