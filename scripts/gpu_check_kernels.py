@@ -27,7 +27,7 @@ HEADS = 16
 ROPE_DIM = 64
 # V2-Lite's softmax scale: 1/sqrt(qk_nope + qk_rope) times YaRN's mscale**2 (factor 40, mscale 0.707).
 SCALE = (1 / math.sqrt(192)) * (0.1 * 0.707 * math.log(40) + 1) ** 2
-PEAK_GBPS = 4230.0  # H200 copy bandwidth measured on this machine (docs/design.md)
+PEAK_GBPS = 4230.0  # H200 device-to-device copy bandwidth, as server/bench.py measures it
 TOLERANCE = 1e-2
 
 GPU_RANKS = (512, 256, 128)
@@ -67,8 +67,8 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from gpu_check_common import bench_ms, capture_graph, gbps, write_report  # noqa: E402
-from server.engine.paged_attention import paged_mla_decode_torch  # noqa: E402
-from server.engine.triton_mla import (  # noqa: E402
+from server.kernels.mla_decode import paged_mla_decode_torch  # noqa: E402
+from server.kernels.mla_decode_triton import (  # noqa: E402
     choose_num_splits,
     default_launch_config,
     paged_mla_decode_triton,
@@ -316,7 +316,7 @@ def aot_report(capability: int = 90) -> list[dict]:
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from server.engine import triton_mla
+    from server.kernels import mla_decode_triton as triton_mla
 
     target = GPUTarget("cuda", capability, 32)
     divisible = CUDABackend(target).parse_attr("D")  # what a launch marks on 16-divisible args

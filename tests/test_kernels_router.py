@@ -20,7 +20,7 @@ if str(REPO_ROOT) not in sys.path:  # so the child process (run as a script) fin
 from tests.interpreter import run_under_interpreter  # noqa: E402
 from tests.kernel_checks import assert_equal, assert_rel, run_checks  # noqa: E402
 
-from server.kernels.router import grouped_topk, topk_softmax, topk_softmax_torch  # noqa: E402
+from server.kernels.router import grouped_topk, route, topk_softmax, topk_softmax_torch  # noqa: E402
 
 
 def logits_for(tokens: int, experts: int, seed: int, scale: float = 2.0) -> torch.Tensor:
@@ -139,7 +139,22 @@ def check_topk_softmax_ties_and_inputs() -> None:
     assert weights.shape == ids.shape == (0, 3)
 
 
-CHECKS = [check_topk_softmax_shapes, check_topk_softmax_options, check_topk_softmax_ties_and_inputs]
+def check_route_computes_the_logits_too() -> None:
+    """The fused router (fp32 GEMM + top-k in one kernel) against the GEMM then the reference."""
+    for seed, (tokens, hidden, experts, top_k, dtype) in enumerate(
+            ((1, 64, 64, 6, torch.bfloat16), (9, 100, 10, 3, torch.float32), (6, 40, 16, 2, torch.bfloat16))):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+        gate = torch.randn(experts, hidden, generator=gen) / hidden**0.5
+        weights, ids = route(x, gate, top_k, num_shared=2, scale=1.5, impl="triton")
+        want_w, want_ids = topk_softmax_torch(x.float() @ gate.T, top_k, num_shared=2, scale=1.5)
+        what = f"route T={tokens} H={hidden} E={experts} {dtype}"
+        assert_equal(ids, want_ids, f"ids {what}")
+        assert_rel(weights, want_w, 1e-5, f"weights {what}")
+
+
+CHECKS = [check_topk_softmax_shapes, check_topk_softmax_options, check_topk_softmax_ties_and_inputs,
+          check_route_computes_the_logits_too]
 
 if __name__ == "__main__":
     sys.exit(run_checks(CHECKS))

@@ -20,7 +20,7 @@ if str(REPO_ROOT) not in sys.path:  # so the child process (run as a script) fin
 
 from tests.interpreter import TRITON_MISSING, run_under_interpreter  # noqa: E402
 
-from server.engine.paged_attention import paged_mla_decode, paged_mla_decode_torch  # noqa: E402
+from server.kernels.mla_decode import paged_mla_decode, paged_mla_decode_torch  # noqa: E402
 
 
 
@@ -170,7 +170,7 @@ def run_interpreter_checks() -> int:
     except ImportError as exc:
         print(exc)
         return TRITON_MISSING
-    from server.engine.triton_mla import choose_num_splits, paged_mla_decode_triton
+    from server.kernels.mla_decode_triton import choose_num_splits, paged_mla_decode_triton
 
     # Makes torch.empty fill floats with NaN, so the kernel's scratch (split partials) is poisoned too:
     # a read of a partial that was never written shows up as NaN in the output.

@@ -1,6 +1,6 @@
 """Paged, absorbed MLA decode attention: the torch reference and the dispatcher.
 
-Decode runs one query token per sequence in the absorbed form (see docs/design.md, section 1):
+Decode runs one query token per sequence in the absorbed form (docs/architecture.md):
 every head attends directly over the stored values of each cached token, `z` (the latent code,
 `r` wide) and `k_pe` (the rotated RoPE key, `P` wide):
 
@@ -92,7 +92,7 @@ def paged_mla_decode(
     without it the block table's capacity is used. Pass the same value for every replay of a graph.
     """
     if kv_cache.is_cuda and _triton_available():
-        from server.engine.triton_mla import paged_mla_decode_triton
+        from server.kernels.mla_decode_triton import paged_mla_decode_triton
 
         return paged_mla_decode_triton(
             q_lat, q_pe, kv_cache, block_tables, context_lens, scale,

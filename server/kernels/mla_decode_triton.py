@@ -21,12 +21,13 @@ float32 inputs work too, but tl.dot then uses TF32 on the GPU (about 1e-3 relati
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from server.kernels.triton_utils import interpreting  # also patches the CPU interpreter when it runs
 
 LOG2_E = 1.4426950408889634
 MIN_HEADS = 16  # tl.dot needs M >= 16; smaller head counts are padded
@@ -236,7 +237,7 @@ def paged_mla_decode_triton(
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         H=heads, R=r, P=p_dim, H_PAD=h_pad, R_PAD=r_pad, P_PAD=p_pad,
-        BLOCK_SIZE=block_size, BLOCK_T=block_t, SPLIT=split, DOT_FP32=_interpreting(),
+        BLOCK_SIZE=block_size, BLOCK_T=block_t, SPLIT=split, DOT_FP32=interpreting(),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     if split:
@@ -291,34 +292,6 @@ def _check_inputs(
         raise ValueError("block_tables and context_lens must be int32")
     if not context_lens.is_contiguous():
         raise ValueError("context_lens must be contiguous")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _patch_interpreter_scalar_index() -> None:
-    """Let the CPU interpreter use runtime loop bounds (`range(start, end)`) with numpy >= 2.4.
-
-    The interpreter keeps scalars as 1-element arrays and converts them with int(array), which
-    numpy 2.4 rejects for ndim > 0. Only ever applied when TRITON_INTERPRET=1 (tests, dry runs).
-    """
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_kvsplice_patched", False):
-        return
-
-    def patched(tensor, scope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._kvsplice_patched = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _interpreting():
-    _patch_interpreter_scalar_index()
 
 
 @functools.lru_cache(maxsize=None)
