@@ -11,6 +11,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from kvsplice.cache_size import get_kv_cache_size
 from kvsplice.cli import positive_int, ratio_list
-from kvsplice.model_source import load_config, load_pretrained, resolve_model_path
+from kvsplice.model_source import load_config, load_pretrained
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_runner import resolve_device
@@ -57,19 +58,17 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def build_model(args, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer): a real checkpoint, or a shipped shape with seeded random weights."""
+def build_transformers_model(args, device: torch.device, dtype: torch.dtype):
+    """transformers' model for the baseline rows: the checkpoint, or the shipped shape with seeded
+    random weights (other values than the engine's random weights: speed does not depend on them)."""
     if args.shape is None:
-        return load_pretrained(args.model, dtype, str(device))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return load_pretrained(args.model, dtype, str(device))[0]
+    from transformers import AutoModelForCausalLM
 
-    config = load_config(args.shape)
     torch.manual_seed(0)
     kwargs = {"experts_implementation": "grouped_mm"} if device.type == "cuda" else {}
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs).eval()
-    # Token ids are random and never detokenized; the built-in tokenizer only supplies special ids.
-    return model, AutoTokenizer.from_pretrained(resolve_model_path("builtin"))
+        return AutoModelForCausalLM.from_config(load_config(args.shape), dtype=dtype, **kwargs).eval()
 
 
 def random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -116,15 +115,15 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> 
         engine.add_request(f"bench-{i}", p, params)
     first: dict[str, float] = {}
     decode_steps: list[float] = []
+    scheduler = engine.core.scheduler
     while engine.has_unfinished():
-        all_decoding = not engine.scheduler.waiting and all(
-            s.num_uncomputed_tokens == 1 for s in engine.scheduler.running)
+        all_decoding = not scheduler.waiting and all(s.num_uncomputed_tokens == 1 for s in scheduler.running)
         start = time.perf_counter()
         for out in engine.step():
             if out.finish_reason == "error":
                 raise RuntimeError(f"request {out.request_id} failed: {out.error}")
             first.setdefault(out.request_id, out.times.first_token)
-        if all_decoding and len(engine.scheduler.running) == len(prompts):
+        if all_decoding and len(scheduler.running) == len(prompts):
             decode_steps.append(time.perf_counter() - start)
     seconds = time.time() - t0
     decode_step = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
@@ -171,59 +170,85 @@ def copy_bandwidth(device: torch.device) -> float | None:
 def bench(args) -> list[Row]:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = build_model(args, device, dtype)
-    vocab = model.config.vocab_size
+    config = load_config(args.shape or args.model)
+    vocab = config.vocab_size
     rows: list[Row] = []
     bandwidth = copy_bandwidth(device)
     if bandwidth:
         print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
-    max_batch = max(b for w in args.workload for b in w.batch_sizes)
-    max_len = max(w.prompt_len + w.new_tokens for w in args.workload) + 16  # room for the profile run
     if not args.skip_transformers:
-        for w in args.workload:
-            for b in w.batch_sizes:
-                if b > args.transformers_max_batch:
-                    continue
-                prompts = random_prompts(vocab, b, w.prompt_len, seed=b)
-                run_transformers(model, prompts[:1], 2, device)  # warm-up
-                reset_peak(device)
-                seconds, ttft = run_transformers(model, prompts, w.new_tokens, device)
-                rows.append(Row("transformers", w.prompt_len, w.new_tokens, b, seconds, b * w.new_tokens / seconds,
-                                ttft, peak_gib(device), None))
-                print_row(rows[-1])
+        rows += bench_transformers(args, device, dtype, vocab)
     for ratio in args.ratios:
-        config = EngineConfig(
-            model=args.shape or args.model, device=str(device), compression_ratio=ratio,
-            kv_cache_bytes=args.kv_cache_bytes, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-            max_num_seqs=max_batch, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-            block_size=args.block_size, pipeline_parallel_size=args.pipeline_parallel_size,
-            fused_moe=not args.no_fused_moe,
-        )
-        engine = LLMEngine(config, model=model, tokenizer=tokenizer)
-        run_engine(engine, random_prompts(vocab, 2, 16, seed=0), 4)  # warm-up
+        engine = LLMEngine(engine_config(args, device, ratio))
         for w in args.workload:
             for b in w.batch_sizes:
-                reset_peak(device)
-                prompts = random_prompts(vocab, b, w.prompt_len, seed=b)
-                seconds, ttft, step_s = run_engine(engine, prompts, w.new_tokens)
-                stats = engine.stats()
-                floor_s = decode_bytes_per_step(model.config, b, w.prompt_len + w.new_tokens // 2, ratio) / bandwidth \
-                    if bandwidth else float("nan")
-                rows.append(Row(f"engine@{ratio}", w.prompt_len, w.new_tokens, b, seconds, b * w.new_tokens / seconds,
-                                ttft, peak_gib(device), stats.kv_bytes_per_token,
-                                {"kv_capacity_tokens": stats.kv_capacity_tokens,
-                                 "preemptions": stats.num_preemptions_total,
-                                 "decode_step_ms": step_s * 1e3, "decode_floor_ms": floor_s * 1e3,
-                                 "bandwidth_fraction": floor_s / step_s}))
+                rows.append(bench_engine_row(engine, w, b, ratio, config, bandwidth, args.trials, vocab))
                 print_row(rows[-1])
         if args.profile_batch:
             profile_decode(engine, vocab, args.profile_batch, args.workload[0].prompt_len, device,
                            args.out and Path(args.out).with_name(f"profile_engine_{ratio}.txt"))
         del engine
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     return rows
+
+
+def engine_config(args, device: torch.device, ratio: float) -> EngineConfig:
+    max_batch = max(b for w in args.workload for b in w.batch_sizes)
+    max_len = max(w.prompt_len + w.new_tokens for w in args.workload) + 16  # room for the profile run
+    return EngineConfig(
+        model=args.shape or args.model, load_format="dummy" if args.shape else "auto", device=str(device),
+        compression_ratio=ratio, kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=max_batch,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len, block_size=args.block_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, fused_moe=not args.no_fused_moe,
+    )
+
+
+def bench_transformers(args, device: torch.device, dtype: torch.dtype, vocab: int) -> list[Row]:
+    model = build_transformers_model(args, device, dtype)
+    rows = []
+    for w in args.workload:
+        for b in w.batch_sizes:
+            if b > args.transformers_max_batch:
+                continue
+            prompts = random_prompts(vocab, b, w.prompt_len, seed=b)
+            run_transformers(model, prompts[:1], 2, device)  # warm-up
+            reset_peak(device)
+            seconds, ttft = run_transformers(model, prompts, w.new_tokens, device)
+            rows.append(Row("transformers", w.prompt_len, w.new_tokens, b, seconds, b * w.new_tokens / seconds,
+                            ttft, peak_gib(device), None))
+            print_row(rows[-1])
+    del model
+    free_memory(device)
+    return rows
+
+
+def bench_engine_row(engine: LLMEngine, w: Workload, batch: int, ratio: float, config, bandwidth: float | None,
+                     trials: int, vocab: int) -> Row:
+    """One (workload, batch) row: a warm-up run of the same shapes (kernel compiles, allocator),
+    then `trials` timed runs; every figure is the median over the trials."""
+    prompts = random_prompts(vocab, batch, w.prompt_len, seed=batch)
+    run_engine(engine, prompts, min(w.new_tokens, 4))
+    runs = []
+    for _ in range(trials):
+        reset_peak(engine.core.runner.device)
+        runs.append(run_engine(engine, prompts, w.new_tokens))
+    seconds, ttft, step_s = (statistics.median(r[i] for r in runs) for i in range(3))
+    stats = engine.stats()
+    floor_s = (decode_bytes_per_step(config, batch, w.prompt_len + w.new_tokens // 2, ratio) / bandwidth
+               if bandwidth else float("nan"))
+    return Row(f"engine@{ratio}", w.prompt_len, w.new_tokens, batch, seconds, batch * w.new_tokens / seconds, ttft,
+               peak_gib(engine.core.runner.device), stats.kv_bytes_per_token,
+               {"kv_capacity_tokens": stats.kv_capacity_tokens, "preemptions": stats.num_preemptions_total,
+                "decode_step_ms": step_s * 1e3, "decode_floor_ms": floor_s * 1e3,
+                "bandwidth_fraction": floor_s / step_s, "trials": trials,
+                "tok_s_spread": [batch * w.new_tokens / r[0] for r in runs]})
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def profile_decode(engine: LLMEngine, vocab: int, batch: int, prompt_len: int, device: torch.device,
@@ -235,7 +260,7 @@ def profile_decode(engine: LLMEngine, vocab: int, batch: int, prompt_len: int, d
     params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True, detokenize=False)
     for i, p in enumerate(random_prompts(vocab, batch, prompt_len, seed=99)):
         engine.add_request(f"profile-{i}", p, params)
-    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in engine.seqs.values()):
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.core.seqs.values()):
         engine.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -346,6 +371,7 @@ def register(subparsers) -> None:
                    help="skip transformers rows above this batch (its generate is slow at large batch)")
     p.add_argument("--profile-batch", type=positive_int, default=None,
                    help="after the rows, profile decode steps at this batch for each ratio")
+    p.add_argument("--trials", type=positive_int, default=1, help="timed runs per row (after a warm-up); medians")
     p.add_argument("--out", default=None, help="write JSON here")
     p.set_defaults(func=run, workload=None)
 

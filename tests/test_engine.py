@@ -114,7 +114,7 @@ def test_capacity_ratio_follows_bytes_per_token(checkpoint_dirs, budget):
 
 
 def test_v2_lite_shape_capacity_ratio_is_576_over_320():
-    from kvsplice.cache_size import get_kv_cache_size
+    from kvsplice.cache_layout import CacheLayout
     from kvsplice.model_source import load_config
     from server.engine.kv_budget import plan_num_blocks
 
@@ -122,8 +122,9 @@ def test_v2_lite_shape_capacity_ratio_is_576_over_320():
     budget = 40 << 30
     blocks = {}
     for r in (1.0, 0.5):
-        per_token = get_kv_cache_size(cfg, compression_ratio=r).bytes_per_token
-        blocks[r] = plan_num_blocks(EngineConfig(kv_cache_bytes=budget, block_size=64), per_token, torch.device("cpu"), 0)
+        layout = CacheLayout.for_ratio(cfg, r, block_size=64)
+        blocks[r] = plan_num_blocks(EngineConfig(kv_cache_bytes=budget, block_size=64), layout,
+                                    {torch.device("cpu"): cfg.num_hidden_layers}, 0)
     assert abs(blocks[0.5] / blocks[1.0] - 576 / 320) < 2 / blocks[1.0]
 
 
@@ -173,3 +174,43 @@ def test_request_that_cannot_fit_is_refused(checkpoint_dirs):
     with pytest.raises(ValueError, match="prompt is empty"):
         engine.add_request("y", "", greedy())
     assert not engine.has_unfinished()
+
+
+def test_prompt_logprobs_score_each_next_prompt_token_across_chunks(checkpoint_dirs):
+    path = checkpoint_dirs["lite"]
+    model, tokenizer = load(path)
+    prompt = tokenizer.encode(PROMPTS[3])
+    # Chunks of 8 tokens: the scores of one chunk's last position belong to the next chunk's first token.
+    engine = LLMEngine(EngineConfig(model=path, kv_cache_bytes=4 << 20, max_num_batched_tokens=8))
+    outs = run_engine(engine, [prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2))
+    got = outs["0"].prompt_logprobs
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert got[0] is None and len(got) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert got[i].token_id == prompt[i]
+        assert abs(got[i].logprob - float(ref[i - 1, prompt[i]])) < 2e-4
+        assert [t for t, _ in got[i].top] == ref[i - 1].topk(2).indices.tolist()
+
+
+def test_min_tokens_holds_back_a_stop_token(checkpoint_dirs):
+    llm = LLM(checkpoint_dirs["lite"], kv_cache_bytes=4 << 20)
+    base = llm.generate(PROMPTS[0], greedy(8))[0].token_ids
+    first = base[0]
+    stopped = llm.generate(PROMPTS[0], greedy(8, stop_token_ids=[first]))[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    held = llm.generate(PROMPTS[0], greedy(8, stop_token_ids=[first], min_tokens=3))[0]
+    assert len(held.token_ids) >= 3 and first not in held.token_ids[:2]
+
+
+def test_cache_bytes_per_token_include_the_rope_part(checkpoint_dirs):
+    for ratio in (1.0, 0.5):
+        engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], compression_ratio=ratio, kv_cache_bytes=2 << 20))
+        cfg, runner = engine.hf_config, engine.core.runner
+        code = cfg.kv_lora_rank if ratio == 1.0 else cfg.kv_lora_rank // 2
+        per_token = cfg.num_hidden_layers * (code + cfg.qk_rope_head_dim) * 4  # float32 on the CPU
+        assert engine.stats().kv_bytes_per_token == per_token
+        allocated = sum(c.numel() * c.element_size() for c in runner.kv_caches)
+        tokens = runner.kv_caches[0].shape[0] * runner.kv_caches[0].shape[1]  # the scratch block included
+        assert allocated == per_token * tokens
+        assert engine.stats().compression_ratio == code / cfg.kv_lora_rank

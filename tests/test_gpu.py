@@ -23,7 +23,7 @@ def test_graph_decode_matches_eager(checkpoint_dirs, ratio):
     common = dict(model=path, device="cuda", dtype="float32", compression_ratio=ratio, kv_cache_bytes=64 << 20,
                   max_num_seqs=8)
     graphed = LLMEngine(EngineConfig(**common))
-    assert graphed.runner.graphs is not None
+    assert graphed.core.runner.graphs is not None
     eager = LLMEngine(EngineConfig(**common, cuda_graphs=False))
     a, b = run_engine(graphed, PROMPTS, greedy()), run_engine(eager, PROMPTS, greedy())
     assert {k: o.token_ids for k, o in a.items()} == {k: o.token_ids for k, o in b.items()}
@@ -61,7 +61,7 @@ def test_layer_split_over_two_gpus_matches_one(checkpoint_dirs):
     common = dict(model=checkpoint_dirs["lite"], device="cuda", dtype="float32", kv_cache_bytes=64 << 20)
     one = LLMEngine(EngineConfig(**common, cuda_graphs=False))
     two = LLMEngine(EngineConfig(**common, pipeline_parallel_size=2))
-    assert {str(d) for d in two.runner.layer_devices} == {"cuda:0", "cuda:1"}
+    assert {str(d) for d in two.core.runner.layer_devices} == {"cuda:0", "cuda:1"}
     a, b = run_engine(one, PROMPTS, greedy()), run_engine(two, PROMPTS, greedy())
     assert {k: o.token_ids for k, o in a.items()} == {k: o.token_ids for k, o in b.items()}
     # The same total budget, spread over two GPUs, holds the same number of tokens.

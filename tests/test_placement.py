@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from kvsplice.cache_size import get_kv_cache_size
+from kvsplice.cache_layout import CacheLayout
 from kvsplice.model_source import load_config
 from server.engine.config import EngineConfig
-from server.engine.kv_budget import plan_num_blocks, plan_split_blocks
-from server.engine.placement import describe, device_map, layers_per_device, split_layers
+from server.engine.kv_budget import plan_num_blocks
+from server.engine.placement import describe, layers_per_device, split_layers
 
 GPUS = [torch.device("cuda", i) for i in range(8)]
 
@@ -21,24 +21,18 @@ def test_split_is_contiguous_and_balanced():
     assert describe(split_layers(27, GPUS[:2])) == "cuda:0 layers 0-13, cuda:1 layers 14-26"
 
 
-def test_device_map_places_every_module():
-    mapping = device_map(split_layers(60, GPUS[:8]))
-    assert mapping["model.embed_tokens"] == "cuda:0" and mapping["lm_head"] == "cuda:7"
-    assert mapping["model.layers.0"] == "cuda:0" and mapping["model.layers.59"] == "cuda:7"
-    assert sum(k.startswith("model.layers.") for k in mapping) == 60
-
-
 def test_capacity_over_n_gpus_is_exact():
     """Per GPU budget B: N GPUs hold N times the tokens of one (up to the larger layer group)."""
     cfg = load_config("deepseek-v2-lite")
-    per_layer = get_kv_cache_size(cfg, compression_ratio=0.5).bytes_per_token // cfg.num_hidden_layers
+    layout = CacheLayout.for_ratio(cfg, 0.5, block_size=64)
+    per_layer = layout.bytes_per_token_per_layer
     per_gpu_budget = 20 << 30
-    one = plan_num_blocks(EngineConfig(kv_cache_bytes=per_gpu_budget, block_size=64), per_layer * 27,
-                          torch.device("cuda", 0), 1 << 40)
+    one = plan_num_blocks(EngineConfig(kv_cache_bytes=per_gpu_budget, block_size=64), layout,
+                          {GPUS[0]: 27}, 1 << 40)
     for n in (2, 3, 4):
         counts = layers_per_device(split_layers(27, GPUS[:n]))
-        blocks = plan_split_blocks(EngineConfig(kv_cache_bytes=per_gpu_budget * n, block_size=64), per_layer,
-                                   counts, 1 << 40)
+        blocks = plan_num_blocks(EngineConfig(kv_cache_bytes=per_gpu_budget * n, block_size=64), layout,
+                                 counts, 1 << 40)
         # The fullest GPU (ceil(27 / n) layers) decides; its share of the total budget is that fraction.
         biggest = max(counts.values())
         expected = int(per_gpu_budget * n * biggest / 27) // (per_layer * biggest * 64)
@@ -48,8 +42,7 @@ def test_capacity_over_n_gpus_is_exact():
 
 def test_full_v2_shape_bytes_per_gpu():
     cfg = load_config("deepseek-v2")
-    size = get_kv_cache_size(cfg, compression_ratio=0.5)
-    assert size.code_dim == 256 and size.num_layers == 60
+    layout = CacheLayout.for_ratio(cfg, 0.5)
+    assert layout.code_dim == 256 and layout.num_layers == 60
     counts = layers_per_device(split_layers(cfg.num_hidden_layers, GPUS[:8]))
-    per_layer = size.bytes_per_token // 60
-    assert sum(per_layer * n for n in counts.values()) == size.bytes_per_token
+    assert sum(layout.bytes_per_token_per_layer * n for n in counts.values()) == layout.bytes_per_token

@@ -86,15 +86,33 @@ def test_sliding_windows_limit_and_errors():
 # --------------------------------------------------------------------------- any model (random too)
 
 
-def test_ratio_one_reproduces_unpatched_perplexity_exactly(builtin, test_ids, original_ppl):
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_eval_perplexity_equals_the_serving_engines(builtin, test_ids, ratio):
+    """The eval job (transformers, patched) and the serving engine (its own model, splices folded
+    in) are two implementations: scored over the same windows they must give the same NLL."""
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.sampling_params import SamplingParams
+
     model, _ = builtin
-    windows = sliding_windows(len(test_ids), WINDOW, STRIDE, max_windows=N_WINDOWS)
-    patch_model_with_kvsplice(model, 1.0)
+    windows = sliding_windows(len(test_ids), WINDOW, STRIDE, max_windows=3)
+    patch_model_with_kvsplice(model, ratio, init="truncate")
     try:
-        again = perplexity(model, test_ids, windows)
+        reference = perplexity(model, test_ids, windows)
     finally:
         unpatch_model(model)
-    assert again.nll_sum == original_ppl.nll_sum and again.tokens == original_ppl.tokens
+    engine = LLMEngine(EngineConfig(model=MODEL, compression_ratio=ratio, splice_init="truncate",
+                                    kv_cache_bytes=8 << 20, max_num_batched_tokens=96))
+    nll = 0.0
+    for i, w in enumerate(windows):
+        engine.add_request(str(i), test_ids[w.begin:w.end].tolist(),
+                           SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    scored = out.prompt_logprobs[w.first_scored - w.begin:]
+                    nll -= sum(r.logprob for r in scored)
+    assert nll == pytest.approx(reference.nll_sum, rel=1e-5)
 
 
 def test_spliced_perplexity_differs_and_batching_does_not_matter(builtin, test_ids, original_ppl):

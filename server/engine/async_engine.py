@@ -24,8 +24,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None) -> None:
-        self.engine = LLMEngine(config, model, tokenizer)
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.model_name = served_name(config.model)
         self.max_model_len = self.engine.max_model_len
@@ -104,7 +104,7 @@ class AsyncLLMEngine:
             for request_id in list(self._streams):
                 self._deliver_error(request_id, EngineDeadError(f"engine loop crashed: {exc}"))
         finally:
-            for request_id in list(self.engine.seqs):
+            for request_id in list(self.engine.core.seqs):
                 out = self.engine.abort(request_id)
                 if out is not None:
                     self._deliver(out)

@@ -1,10 +1,7 @@
-"""Hands out fixed-size blocks of the paged KV cache to sequences (ids only; the tensors live in
-the model runner)."""
+"""Hands out fixed-size blocks of the paged KV cache (ids only; the tensors live in the model runner)."""
 from __future__ import annotations
 
 from collections import deque
-
-from server.engine.sequence import Sequence
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -27,24 +24,24 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_blocks)
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Extra blocks `seq` needs to hold `num_new_tokens` more computed tokens."""
-        total = blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, total - len(seq.block_table))
+    def blocks_needed(self, table: list[int], num_tokens: int) -> int:
+        """Extra blocks a table needs to hold `num_tokens` tokens in all."""
+        return max(0, blocks_for(num_tokens, self.block_size) - len(table))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self.free_blocks)
+    def can_allocate(self, table: list[int], num_tokens: int) -> bool:
+        return self.blocks_needed(table, num_tokens) <= len(self.free_blocks)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-        need = self.blocks_needed(seq, num_new_tokens)
+    def allocate(self, table: list[int], num_tokens: int) -> list[int]:
+        """Grow `table` (in place) to hold `num_tokens` tokens; returns the blocks added."""
+        need = self.blocks_needed(table, num_tokens)
+        if need == 0:
+            return []
         if need > len(self.free_blocks):
             raise RuntimeError(f"out of KV blocks: need {need}, {len(self.free_blocks)} free")
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
+        new = [self.free_blocks.popleft() for _ in range(need)]
+        table.extend(new)
+        return new
 
-    def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
-        seq.block_table = []
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """Flat cache slot (block * block_size + offset) of token `position` of `seq`."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def free(self, table: list[int]) -> None:
+        self.free_blocks.extend(table)
+        table.clear()

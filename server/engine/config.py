@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 @dataclass
 class EngineConfig:
-    model: str = "builtin"  # hub id, local path, or "builtin" (the model shipped with the package)
+    model: str = "builtin"  # hub id, local path, "builtin" (the model shipped with the package), or a shipped
+    # config name (deepseek-v2-lite, deepseek-v2) with load_format="dummy"
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights of its shape (speed tests)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     compression_ratio: float = 1.0  # fraction of the kv_lora_rank latent dims stored; 1.0 = plain MLA
@@ -20,6 +22,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     pipeline_parallel_size: int = 1  # GPUs the layers are split over (one model replica)
     cuda_graphs: bool = True  # capture the decode step in CUDA graphs (CUDA only)
-    fused_moe: bool = True  # Triton experts for decode-sized batches (CUDA only)
+    fused_moe: bool = True  # the Triton routed-experts kernel on CUDA (False: the plain-torch reference)
+    attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton
     trust_remote_code: bool = False
     seed: int = 0

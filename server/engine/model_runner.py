@@ -1,37 +1,50 @@
-"""Loads the model through transformers and runs one flattened batch step over the paged cache.
+"""Owns the model and its paged cache; turns a `StepPlan` into sampled tokens.
 
-Everything but attention is transformers' own modules (embedding, RMSNorms, dense MLP / MoE,
-lm_head); each layer's attention is replaced by `PagedMLAAttention`, which reads and writes the
-cache of stored codes.
+Start-up: read the config, choose devices, load the splices and derive the cache layout from them,
+build the owned DeepSeek-V2 model and load its weights (folding the splices in), report how many
+cache blocks the budget buys, allocate the cache, capture the decode CUDA graphs.
+
+A step: the plan's tokens are flattened into one batch (numpy, no per-token Python), each
+sequence's block-table row is updated from the plan's deltas, the attention backend builds the
+step's metadata, the model runs (a CUDA-graph replay when every sequence decodes one token), and
+the last row of every sequence that reached its end is sampled.
 """
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from kvsplice.cache_size import get_kv_cache_size
-from kvsplice.model_source import load_config, load_pretrained
-from kvsplice.patch import find_mla_layers, make_splices
-from kvsplice.storage import load_splices
-from server.engine.block_manager import BlockManager
+from kvsplice.cache_layout import CacheLayout
+from kvsplice.model_source import BUILTIN_MODEL_DIR, load_config, resolve_model_path, shipped_config_name
+from kvsplice.patch import make_splices
+from kvsplice.splice import LearnedKVSplice
+from kvsplice.storage import FINGERPRINT_WEIGHT, fingerprint, load_splices
+from server.attention.backend import get_backend
+from server.attention.metadata import AttentionMetadata, StepShape
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.fused_moe import install_fused_moe
-from server.engine.kv_budget import plan_split_blocks
-from server.engine.placement import device_map, gpu_devices, layers_per_device, place_model, split_layers
-from server.engine.mla_attention import AttentionMetadata, PagedMLAAttention
-from server.engine.scheduler import ScheduledSeq
+from server.engine.kv_budget import plan_num_blocks
+from server.engine.placement import gpu_devices, layers_per_device, split_layers
+from server.engine.sampler import sample, token_logprob
+from server.engine.step import Sampled, SeqWork, StepPlan, StepResult
+from server.model.deepseek_v2 import DeepseekV2ForCausalLM
+from server.model.loader import CheckpointWeights, RandomWeights, WeightSource, checkpoint_directory
 
 log = logging.getLogger(__name__)
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """'auto', 'cpu', 'cuda' or 'cuda:N'; a CUDA device always with its index, so that devices compare equal."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -43,161 +56,189 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def choose_experts_implementation(model, device: torch.device, dtype: torch.dtype) -> None:
-    """Pick transformers' MoE experts kernel. On CUDA the decode step is captured in a graph, so the
-    experts must not synchronise with the host: grouped_mm does not in bf16/fp16, but in fp32 it
-    copies from the host (seen on the H200, torch 2.11), so fp32 uses batched_mm (gathers the
-    selected experts' weights; slower, only for exactness tests). The CPU keeps the default."""
-    if device.type == "cuda" and hasattr(model.config, "_experts_implementation"):
-        model.config._experts_implementation = "batched_mm" if dtype == torch.float32 else "grouped_mm"
+@dataclass
+class ModelSource:
+    """Where config, tokenizer and weights come from."""
+
+    config: object
+    tokenizer_dir: str
+    weights_dir: str | None  # None: random weights (load_format="dummy")
+
+
+def locate_model(config: EngineConfig) -> ModelSource:
+    if config.load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {config.load_format!r}")
+    if config.load_format == "dummy" and shipped_config_name(config.model):
+        # A shipped public shape with random weights: no download; the built-in tokenizer supplies ids.
+        return ModelSource(load_config(config.model), str(BUILTIN_MODEL_DIR), None)
+    directory = checkpoint_directory(resolve_model_path(config.model))
+    hf_config = load_config(str(directory), trust_remote_code=config.trust_remote_code)
+    weights = None if config.load_format == "dummy" else str(directory)
+    return ModelSource(hf_config, str(directory), weights)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource,
+                 eos_token_ids: set[int]) -> None:
+        self.config, self.max_model_len = config, max_model_len
+        self.eos_token_ids = eos_token_ids  # min_tokens holds them back
         self.device = resolve_device(config.device)  # where a step's inputs start (the first GPU)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        split = self._split_layers(model) if config.pipeline_parallel_size > 1 else None
-        if model is None:
-            model, tokenizer = load_pretrained(config.model, self.dtype, str(self.device), config.trust_remote_code,
-                                               device_map=device_map(split) if split else None)
-        elif split:
-            place_model(model, split)
-        self.model, self.tokenizer = model, tokenizer
-        self.hf_config = model.config
-        self.layer_devices = split or [self.device] * self.hf_config.num_hidden_layers
-        choose_experts_implementation(model, self.device, self.dtype)
-        if self.device.type == "cuda" and config.fused_moe:
-            install_fused_moe(model)  # decode-sized batches take the Triton experts, larger ones transformers'
-        splices = self._splices()
-        self.attention = [PagedMLAAttention(attn, s) for attn, s in zip(find_mla_layers(model), splices)]
-        self.code_dim = self.attention[0].code_dim
-        self.cache_size = get_kv_cache_size(self.hf_config, compression_ratio=config.compression_ratio, dtype=self.dtype)
-        self.kv_cache: list[Tensor] = []  # per layer, [num_blocks + 1, block_size, r + rope] on its device
-        self.graphs: DecodeGraphs | None = None
-
-    def _split_layers(self, model) -> list[torch.device]:
-        """Each layer's GPU for a layer split over pipeline_parallel_size GPUs."""
-        if self.device.type != "cuda":
+        self.hf_config = source.config
+        num_layers = self.hf_config.num_hidden_layers
+        self.layer_devices = (split_layers(num_layers, gpu_devices(config.pipeline_parallel_size))
+                              if config.pipeline_parallel_size > 1 else [self.device] * num_layers)
+        if config.pipeline_parallel_size > 1 and self.device.type != "cuda":
             raise ValueError("pipeline_parallel_size > 1 needs CUDA devices")
-        num_layers = (model.config if model is not None else load_config(self.config.model)).num_hidden_layers
-        return split_layers(num_layers, gpu_devices(self.config.pipeline_parallel_size))
+        weights = self._weights(source)
+        splices = self._splices(weights)
+        self.layout = CacheLayout.for_splices(self.hf_config, splices, self.dtype, config.block_size)
+        self.backend = get_backend(self.device, config.attention_backend)
+        self.model = DeepseekV2ForCausalLM(self.hf_config, self.layout, self.backend, max_model_len, self.dtype,
+                                           self.layer_devices, fused_moe=config.fused_moe)
+        self.model.load_weights(weights, splices)
+        self.kv_caches: list[Tensor] = []  # per layer [num_blocks + 1, block_size, width]; the +1 is scratch
+        self.graphs: DecodeGraphs | None = None
+        self._rows: dict[str, tuple[int, int]] = {}  # request -> (its row of the block table, blocks in it)
+        self._free_rows: list[int] = []
+        self._table = np.zeros((0, 0), dtype=np.int32)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _weights(self, source: ModelSource) -> WeightSource:
+        if source.weights_dir is None:
+            return RandomWeights(self.device, self.dtype, std=getattr(self.hf_config, "initializer_range", 0.02),
+                                 seed=self.config.seed)
+        return CheckpointWeights(source.weights_dir, self.device, self.dtype)
+
+    def _splices(self, weights: WeightSource) -> list[LearnedKVSplice | None]:
+        """Per-layer splices on each layer's device in float32 (folded into the weights at load)."""
+        cfg, hf = self.config, self.hf_config
+        if cfg.splice_file:
+            kv_a = weights.get(FINGERPRINT_WEIGHT, (hf.kv_lora_rank + hf.qk_rope_head_dim, hf.hidden_size))
+            splices = load_splices(cfg.splice_file, config=hf, model_fingerprint_value=fingerprint(hf, kv_a))
+            if abs(splices[0].compression_ratio - cfg.compression_ratio) > 1e-9:
+                raise ValueError(f"splice_file {cfg.splice_file} has compression_ratio "
+                                 f"{splices[0].compression_ratio}, the engine is set to {cfg.compression_ratio}")
+        elif cfg.compression_ratio == 1.0:
+            return [None] * hf.num_hidden_layers
+        else:
+            splices = make_splices(hf, cfg.compression_ratio, cfg.splice_init, seed=cfg.seed)
+        return [s.to(device=d, dtype=torch.float32).eval() for s, d in zip(splices, self.layer_devices)]
 
     @property
     def multi_device(self) -> bool:
         return len(set(self.layer_devices)) > 1
 
-    def _splices(self) -> list:
-        """Per-layer splices (or None each at ratio 1.0), on the model's device and dtype."""
-        cfg = self.config
-        if cfg.splice_file:
-            splices = load_splices(cfg.splice_file, self.model)
-            if abs(splices[0].compression_ratio - cfg.compression_ratio) > 1e-9:
-                raise ValueError(
-                    f"splice_file {cfg.splice_file} has compression_ratio {splices[0].compression_ratio}, "
-                    f"the engine is set to {cfg.compression_ratio}"
-                )
-        elif cfg.compression_ratio == 1.0:
-            return [None] * self.hf_config.num_hidden_layers
-        else:
-            splices = make_splices(self.hf_config, cfg.compression_ratio, cfg.splice_init, seed=cfg.seed)
-        return [s.to(device=d, dtype=self.dtype).eval() for s, d in zip(splices, self.layer_devices)]
+    # -- start-up: the cache ----------------------------------------------------------------------
 
-    @property
-    def kv_dim(self) -> int:
-        return self.code_dim + self.hf_config.qk_rope_head_dim
+    def num_blocks_for_budget(self) -> int:
+        """Cache blocks the KV budget buys on every device (the engine's block manager gets this many)."""
+        return plan_num_blocks(self.config, self.layout, layers_per_device(self.layer_devices),
+                               self.config.max_num_seqs * self.max_model_len)
 
-    def allocate_kv_cache(self, max_tokens_needed: int) -> BlockManager:
-        """Size the cache from the KV budget and allocate one tensor for all layers. One extra block
-        that no sequence owns takes the writes of CUDA-graph padding rows."""
-        per_layer = self.cache_size.bytes_per_token // self.hf_config.num_hidden_layers
-        counts = layers_per_device(self.layer_devices)
-        num_blocks = plan_split_blocks(self.config, per_layer, counts, max_tokens_needed)
-        for device, n in counts.items():
-            shape = (n, num_blocks + 1, self.config.block_size, self.kv_dim)
-            self.kv_cache.extend(torch.zeros(shape, dtype=self.dtype, device=device).unbind(0))
-        return BlockManager(num_blocks, self.config.block_size)
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One tensor per device for its layers. One extra block that no sequence owns takes the
+        writes of CUDA-graph padding rows."""
+        lay = self.layout
+        for device, n in layers_per_device(self.layer_devices).items():
+            shape = (n, num_blocks + 1, lay.block_size, lay.width)
+            self.kv_caches.extend(torch.zeros(shape, dtype=lay.dtype, device=device).unbind(0))
+        max_blocks = -(-self.max_model_len // lay.block_size)
+        self._table = np.zeros((self.config.max_num_seqs, max_blocks), dtype=np.int32)
+        self._free_rows = list(range(self.config.max_num_seqs - 1, -1, -1))
 
-    def capture_decode_graphs(self, max_batch: int, max_context_len: int) -> None:
-        """On CUDA (unless disabled), capture the decode forward for batch sizes up to max_batch."""
+    def capture_decode_graphs(self) -> None:
+        """On CUDA (unless disabled), capture the decode forward for batch sizes up to max_num_seqs."""
         if self.device.type != "cuda" or not self.config.cuda_graphs or self.multi_device:
             return  # a graph is captured on one device; a layer split runs eagerly
-        scratch_block = self.kv_cache[0].shape[0] - 1
-        self.graphs = DecodeGraphs(self.forward_eager, max_batch, max_context_len, self.config.block_size,
-                                   scratch_block, self.device)
+        scratch_block = self.kv_caches[0].shape[0] - 1
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.config.max_num_seqs,
+                                   self.max_model_len, self.layout.block_size, scratch_block, self.device)
 
     # -- one step ---------------------------------------------------------------------------------
 
-    def prepare(self, batch: list[ScheduledSeq], block_size: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
-        """Flatten the scheduled tokens into (input_ids, positions, attention metadata)."""
-        ids, positions, slots, query_lens, context_lens = [], [], [], [], []
-        for item in batch:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_tokens
-            ids.extend(seq.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            query_lens.append(item.num_tokens)
-            context_lens.append(end)
-        max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
-        starts = [0]
-        for n in query_lens[:-1]:
-            starts.append(starts[-1] + n)
-        decode = [i for i, n in enumerate(query_lens) if n == 1]
-        fresh = [i for i, n in enumerate(query_lens) if n > 1 and context_lens[i] == n]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            query_lens=query_lens,
-            query_starts=starts,
-            context_lens_list=context_lens,
-            decode_seqs=torch.tensor(decode, dtype=torch.long, device=dev),
-            decode_tokens=torch.tensor([starts[i] for i in decode], dtype=torch.long, device=dev),
-            prefill_seqs=[i for i, n in enumerate(query_lens) if n > 1 and context_lens[i] > n],
-            max_decode_context=max((context_lens[i] for i in decode), default=0),
-        )
-        if fresh:
-            self._add_fresh_prefill(meta, fresh, starts, query_lens)
-        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta
-
-    def _add_fresh_prefill(self, meta: AttentionMetadata, fresh: list[int], starts: list[int],
-                           query_lens: list[int]) -> None:
-        """Padded [Bf, Lmax] token-row index of the sequences whose tokens are all new this step."""
-        longest = max(query_lens[i] for i in fresh)
-        index = torch.zeros(len(fresh), longest, dtype=torch.long)
-        valid = torch.zeros(len(fresh), longest, dtype=torch.bool)
-        for b, i in enumerate(fresh):
-            n = query_lens[i]
-            index[b, :n] = torch.arange(starts[i], starts[i] + n)
-            valid[b, :n] = True
-        meta.fresh_index = index.to(self.device)
-        meta.fresh_valid = valid.to(self.device)
-        meta.fresh_rows = index[valid].to(self.device)
-
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
-        """Final-norm hidden states [T, hidden] of the flattened batch (the cache is updated)."""
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._release(plan)
+        input_ids, positions, meta = self.prepare(plan.work)
         if self.graphs is not None and self.graphs.can_run(meta):
-            return self.graphs.run(input_ids, positions, meta)
-        return self.forward_eager(input_ids, positions, meta)
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self._sample(plan.work, hidden)
 
-    @torch.inference_mode()
-    def forward_eager(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
-        inner = self.model.model
-        h = inner.embed_tokens(input_ids)
-        freqs_cis = inner.rotary_emb(h, position_ids=positions[None])
-        for i, layer in enumerate(inner.layers):
-            device = self.layer_devices[i]
-            if h.device != device:  # crossing to the next GPU of a layer split
-                h, freqs_cis, meta = h.to(device), freqs_cis.to(device), meta.to(device)
-            # Triton launches on the current CUDA device, not the tensors': make it this layer's.
-            with torch.cuda.device(device) if self.multi_device else contextlib.nullcontext():
-                h = h + self.attention[i](layer.input_layernorm(h), freqs_cis, self.kv_cache[i], meta)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return inner.norm(h)
+    def _release(self, plan: StepPlan) -> None:
+        for request_id in itertools.chain(plan.preempted, plan.finished):
+            entry = self._rows.pop(request_id, None)
+            if entry is not None:
+                self._free_rows.append(entry[0])
+        for request_id in plan.finished:
+            self._generators.pop(request_id, None)
 
-    @torch.inference_mode()
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(hidden).float()
+    def prepare(self, work: list[SeqWork]) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Flatten the scheduled tokens into (input_ids, positions, attention metadata)."""
+        rows = np.array([self._update_row(w) for w in work], dtype=np.int64)
+        query_lens = np.array([len(w.token_ids) for w in work], dtype=np.int64)
+        starts = np.array([w.start for w in work], dtype=np.int64)
+        context_lens = starts + query_lens
+        token_seq = np.repeat(np.arange(len(work)), query_lens)  # which sequence each token belongs to
+        offsets = np.arange(token_seq.size) - np.repeat(np.cumsum(query_lens) - query_lens, query_lens)
+        positions = starts[token_seq] + offsets
+        block_size = self.layout.block_size
+        width = -(-int(context_lens.max()) // block_size)
+        tables = self._table[rows, :width]
+        slots = tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        shape = StepShape(query_lens, context_lens, tables, slots)
+        meta = self.backend.build_metadata(shape, self.device)
+        ids = np.fromiter(itertools.chain.from_iterable(w.token_ids for w in work), dtype=np.int64,
+                          count=token_seq.size)
+        return self._on_device(ids), self._on_device(positions), meta
+
+    def _update_row(self, w: SeqWork) -> int:
+        """The sequence's block-table row, with this step's new blocks written in."""
+        row, known = self._rows.get(w.request_id, (None, 0))
+        if row is None:
+            row = self._free_rows.pop()
+        if w.resumed:
+            known = 0
+        self._table[row, known:known + len(w.new_blocks)] = w.new_blocks
+        self._rows[w.request_id] = (row, known + len(w.new_blocks))
+        return row
+
+    def _on_device(self, array: np.ndarray) -> Tensor:
+        t = torch.from_numpy(array)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _sample(self, work: list[SeqWork], hidden: Tensor) -> StepResult:
+        result = StepResult()
+        ends = np.cumsum([len(w.token_ids) for w in work])
+        for w, end in zip(work, ends):
+            if w.prompt_targets:
+                result.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, hidden[end - len(w.token_ids):end])
+        chosen = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample]
+        if not chosen:
+            return result
+        rows = torch.tensor([row for _, row in chosen], device=hidden.device)
+        logits = self.model.compute_logits(hidden[rows])
+        picked = [w for w, _ in chosen]
+        tokens, records, failures = sample(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids)
+        for i, w in enumerate(picked):
+            if i in failures:
+                result.failed[w.request_id] = failures[i]
+            else:
+                result.sampled.append(Sampled(w.request_id, tokens[i], records[i]))
+        return result
+
+    def _prompt_logprobs(self, w: SeqWork, hidden: Tensor) -> list:
+        logprobs = self.model.compute_logits(hidden[: len(w.prompt_targets)]).log_softmax(-1)
+        return [token_logprob(logprobs[j], t, w.params.prompt_logprobs) for j, t in enumerate(w.prompt_targets)]
+
+    def _generator(self, w: SeqWork) -> torch.Generator | None:
+        """A seeded request's own generator (made on first use; it survives preemption)."""
+        seed = w.params.seed
+        if seed is None or w.params.greedy:
+            return None
+        if w.request_id not in self._generators:
+            device = self.layer_devices[-1]
+            self._generators[w.request_id] = torch.Generator(device=device).manual_seed(seed)
+        return self._generators[w.request_id]

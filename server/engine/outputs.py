@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     """Log-probability of one token, with the top alternatives at that position."""
 
@@ -24,7 +24,7 @@ class RequestTimes:
     finished: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]

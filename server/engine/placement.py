@@ -8,7 +8,6 @@ capacity is the smallest of the GPUs' budgets over their per-token bytes.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
 def gpu_devices(count: int) -> list[torch.device]:
@@ -27,25 +26,6 @@ def split_layers(num_layers: int, devices: list[torch.device]) -> list[torch.dev
     for i, device in enumerate(devices):
         placement += [device] * (base + (1 if i < extra else 0))
     return placement
-
-
-def device_map(layer_devices: list[torch.device]) -> dict[str, str]:
-    """The `device_map` for `from_pretrained` that loads each module straight onto its GPU."""
-    first, last = str(layer_devices[0]), str(layer_devices[-1])
-    mapping = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": last, "lm_head": last}
-    mapping.update({f"model.layers.{i}": str(d) for i, d in enumerate(layer_devices)})
-    return mapping
-
-
-def place_model(model: nn.Module, layer_devices: list[torch.device]) -> None:
-    """Move an already loaded model's modules onto their devices (in place)."""
-    inner = model.model
-    inner.embed_tokens.to(layer_devices[0])
-    inner.rotary_emb.to(layer_devices[0])
-    for layer, device in zip(inner.layers, layer_devices):
-        layer.to(device)
-    inner.norm.to(layer_devices[-1])
-    model.lm_head.to(layer_devices[-1])
 
 
 def layers_per_device(layer_devices: list[torch.device]) -> dict[torch.device, int]:

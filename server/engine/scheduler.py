@@ -4,21 +4,16 @@ Running sequences go first (one decode token each, or the next chunk of an unfin
 admission order; when one needs a block and none is free, the most recently admitted sequence is
 preempted (blocks freed, recomputed later from its tokens, so greedy output does not change).
 Then waiting sequences are admitted first-come-first-served while the token budget, the running
-limit and free blocks allow. Prefill and decode tokens of all of them form one flattened batch.
+limit and free blocks allow. Prefill and decode tokens of all of them form one flattened batch,
+described to the model runner by a `StepPlan`.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, Status
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+from server.engine.step import SeqWork, StepPlan
 
 
 class Scheduler:
@@ -29,6 +24,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self._preempted: list[str] = []  # since the last plan
+        self._finished: list[str] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -36,9 +33,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self) -> StepPlan:
         budget = self.max_num_batched_tokens
-        batch: list[ScheduledSeq] = []
+        work: list[SeqWork] = []
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -46,25 +43,44 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
             if self._make_room(seq, n):
-                self.blocks.allocate(seq, n)
-                batch.append(ScheduledSeq(seq, n))
+                work.append(self._work(seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq, n):
+            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                 break  # first-come-first-served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.blocks.allocate(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append(ScheduledSeq(seq, n))
+            work.append(self._work(seq, n))
             budget -= n
-        return batch
+        plan = StepPlan(work, preempted=self._preempted, finished=self._finished)
+        self._preempted, self._finished = [], []
+        if plan.preempted:  # a sequence preempted and readmitted within this plan is resumed: no release
+            scheduled = {w.request_id for w in work}
+            plan.preempted = [r for r in plan.preempted if r not in scheduled]
+        return plan
+
+    def _work(self, seq: Sequence, n: int) -> SeqWork:
+        start = seq.num_computed_tokens
+        new_blocks = self.blocks.allocate(seq.block_table, start + n)
+        end = start + n
+        targets = None
+        if seq.wants_prompt_logprobs and start + 1 < seq.num_prompt_tokens:
+            targets = seq.token_ids[start + 1 : min(end + 1, seq.num_prompt_tokens)]
+        return SeqWork(
+            request_id=seq.request_id, token_ids=seq.token_ids[start:end], start=start, new_blocks=new_blocks,
+            resumed=start == 0, sample=end == seq.num_tokens, params=seq.params,
+            num_output_tokens=seq.num_output_tokens, prompt_targets=targets,
+        )
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the newest running sequences until `seq` fits; False if `seq` itself was preempted."""
-        while not self.blocks.can_allocate(seq, num_tokens):
+        need = self.blocks.blocks_needed(seq.block_table, seq.num_computed_tokens + num_tokens)
+        if need == 0:
+            return True  # the common decode step: the token fits in the last block
+        while need > self.blocks.num_free_blocks:
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
@@ -74,12 +90,13 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Drop the sequence's cache; it re-enters the queue first and recomputes its tokens."""
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self._preempted.append(seq.request_id)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""
@@ -87,5 +104,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        self.blocks.free(seq.block_table)
         seq.status = Status.FINISHED
+        self._finished.append(seq.request_id)

@@ -1,11 +1,10 @@
-"""One request's state inside the engine: tokens, progress through the cache, timing marks."""
+"""One request's state inside the engine core: its tokens, its progress through the cache, its blocks."""
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
 
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestTimes, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -16,43 +15,47 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     request_id: str
-    prompt_token_ids: list[int]
+    token_ids: list[int]  # the prompt, then every generated token: one list, appended to in place
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
     arrival: float = field(default_factory=time.time)
+    num_prompt_tokens: int = field(init=False)
     status: Status = Status.WAITING
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose latent is in the cache
+    num_computed_tokens: int = 0  # tokens whose row is in the cache
     block_table: list[int] = field(default_factory=list)
-    text: str = ""  # generated text (stop string cut off once found)
-    emitted_text_len: int = 0  # how much of `text` has been handed out
-    emitted_token_len: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_preemptions: int = 0
-    generator: object | None = None  # torch.Generator for seeded sampling, made on first use
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
         self.times = RequestTimes(arrival=self.arrival)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -62,5 +65,5 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         """True until the prompt's log-probabilities have been collected (not again after preemption)."""
         return self.params.prompt_logprobs is not None and (
-            self.prompt_logprobs is None or len(self.prompt_logprobs) < len(self.prompt_token_ids)
+            self.prompt_logprobs is None or len(self.prompt_logprobs) < self.num_prompt_tokens
         )
