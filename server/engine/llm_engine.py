@@ -9,17 +9,22 @@ from dataclasses import dataclass
 
 from torch.profiler import record_function
 
+from server.engine import faults
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import RequestOutput, TokenLogprob
-from server.engine.sampler import sample, token_logprob
+from server.engine.sampler import Sampled, sample, token_logprob
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_MODEL_LEN = 8192
+# A model step that fails this many times in a row is not one bad batch but a broken engine (a
+# sticky device error, say): the step raises, the engine loop dies, and the process exits so that
+# its supervisor restarts it, instead of failing every request while /health says ok.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -69,7 +74,12 @@ class LLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+            if not prompt:
+                return []
+            try:
+                return self.tokenizer.encode(prompt, add_special_tokens=True)
+            except Exception as exc:  # e.g. a lone surrogate, which the tokenizer cannot take
+                raise ValueError(f"prompt could not be tokenized: {type(exc).__name__}: {exc}") from None
         vocab = self.runner.hf_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
@@ -81,7 +91,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self._check_fits(len(ids), params.max_tokens)
-        seq = Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+        try:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        except Exception as exc:  # nothing is queued yet: refusing this request is all it takes
+            raise ValueError(f"prompt could not be prepared: {type(exc).__name__}: {exc}") from None
+        seq = Sequence(request_id, ids, params, detokenizer)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -89,6 +103,8 @@ class LLMEngine:
     def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
             raise ValueError("prompt is empty")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
         total = prompt_len + max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -122,21 +138,51 @@ class LLMEngine:
         try:
             with record_function("engine.prepare"):
                 ids, positions, meta = self.runner.prepare(batch, self.blocks.block_size)
+            for item in batch:
+                faults.check("forward", item.seq.params.seed)
             with record_function("engine.forward"):
                 hidden = self.runner.forward(ids, positions, meta)
         except Exception as exc:  # noqa: BLE001 - the batch cannot be attributed further; fail it, keep serving
-            log.exception("model step failed")
-            return [self.abort(i.seq.request_id, "error", f"engine step failed: {exc}") for i in batch]
+            return self._fail_step(batch, exc)
+        self._consecutive_step_failures = 0
         with record_function("engine.sample_and_output"):
             return self._advance(batch, hidden)
 
+    _consecutive_step_failures = 0  # a class default, so the count needs nothing in __init__
+
+    def _fail_step(self, batch: list[ScheduledSeq], exc: Exception) -> list[RequestOutput]:
+        """Fail every request of a step whose model forward failed. Their blocks are freed, so what
+        the step half-wrote into the cache belongs to nobody; the next step starts clean."""
+        self._consecutive_step_failures += 1
+        log.error("model step failed (%d in a row), failing its %d requests: %s: %s",
+                  self._consecutive_step_failures, len(batch), type(exc).__name__, exc,
+                  exc_info=log.isEnabledFor(logging.DEBUG))
+        outputs = [self._fail(item.seq, f"engine step failed: {type(exc).__name__}: {exc}") for item in batch]
+        if self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise RuntimeError(f"{self._consecutive_step_failures} model steps failed in a row; last: {exc}") from exc
+        return outputs
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """End one request with finish_reason "error" and `message`; the others are untouched."""
+        log.warning("request %s failed: %s", seq.request_id, message)
+        if not seq.is_finished:
+            self._finish(seq, "error")
+        seq.finish_reason, seq.error = "error", message
+        return self._output(seq)
+
     def _advance(self, batch: list[ScheduledSeq], hidden) -> list[RequestOutput]:
-        """Record progress, sample for sequences whose tokens are all computed, report them."""
-        ready, rows, row = [], [], 0
+        """Record progress, sample for sequences whose tokens are all computed, report them.
+        Whatever goes wrong for one sequence fails that sequence alone."""
+        ready, rows, row, outputs = [], [], 0, []
         for item in batch:
             seq = item.seq
             if seq.wants_prompt_logprobs:
-                self._record_prompt_logprobs(seq, hidden[row : row + item.num_tokens])
+                try:
+                    self._record_prompt_logprobs(seq, hidden[row : row + item.num_tokens])
+                except Exception as exc:  # noqa: BLE001
+                    outputs.append(self._fail(seq, f"prompt logprobs failed: {type(exc).__name__}: {exc}"))
+                    row += item.num_tokens
+                    continue
             if seq.num_computed_tokens == 0:
                 self.prompt_tokens_total += len(seq.prompt_token_ids) if not seq.num_preemptions else 0
             seq.num_computed_tokens += item.num_tokens
@@ -145,17 +191,23 @@ class LLMEngine:
                 ready.append(seq)
                 rows.append(row - 1)
         if not ready:
-            return []
-        tokens, records = sample(self.runner.logits(hidden[rows]), ready, self.eos_token_ids)
-        outputs = []
-        for seq, token, record in zip(ready, tokens, records):
-            try:
-                self._append(seq, token, record)
-                outputs.append(self._output(seq))
-            except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer failure: fail this request only
-                log.exception("request %s failed", seq.request_id)
-                outputs.append(self.abort(seq.request_id, "error", f"request failed: {exc}"))
-        return outputs
+            return outputs
+        try:
+            logits = self.runner.logits(hidden[rows])
+        except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
+            return outputs + [self._fail(seq, f"computing logits failed: {type(exc).__name__}: {exc}") for seq in ready]
+        sampled = sample(logits, ready, self.eos_token_ids)
+        return outputs + [self._take_token(seq, sampled, i) for i, seq in enumerate(ready)]
+
+    def _take_token(self, seq: Sequence, sampled: Sampled, row: int) -> RequestOutput:
+        error = sampled.errors.get(row)
+        if error is not None:
+            return self._fail(seq, f"sampling failed: {type(error).__name__}: {error}")
+        try:
+            self._append(seq, sampled.tokens[row], sampled.records[row])
+        except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer or stop-string failure: this request only
+            return self._fail(seq, f"handling its new token failed: {type(exc).__name__}: {exc}")
+        return self._output(seq)
 
     def _record_prompt_logprobs(self, seq: Sequence, hidden) -> None:
         """Log-probabilities of the prompt tokens predicted from this chunk's positions."""
@@ -178,6 +230,7 @@ class LLMEngine:
         seq.times.last_token = now
         self.generation_tokens_total += 1
         if seq.params.detokenize:
+            faults.check("detokenize", seq.params.seed)
             seq.text += seq.detokenizer.push(token)
         reason, stop = self._stop_reason(seq, token)
         if reason:
@@ -207,8 +260,23 @@ class LLMEngine:
         del self.seqs[seq.request_id]
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        """What is new for this request since its previous output. While running, the tail that could
-        still turn out to be the start of a stop string is held back."""
+        """What is new for this request since its previous output. If that cannot be built, the
+        request fails (alone) with an output that carries only the reason."""
+        try:
+            faults.check("output", seq.params.seed)
+            return self._new_output(seq)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("request %s failed: building its output: %s: %s", seq.request_id, type(exc).__name__, exc)
+            if not seq.is_finished:
+                self._finish(seq, "error")
+            seq.finish_reason = "error"
+            seq.error = seq.error or f"building the output failed: {type(exc).__name__}: {exc}"
+            return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, text="",
+                                 delta_text="", token_ids=[], delta_token_ids=[], finished=True,
+                                 finish_reason="error", error=seq.error, times=seq.times)
+
+    def _new_output(self, seq: Sequence) -> RequestOutput:
+        """While running, the tail that could still turn out to be the start of a stop string is held back."""
         hold = 0 if seq.is_finished else max((len(s) - 1 for s in seq.params.stop), default=0)
         upto = max(seq.emitted_text_len, len(seq.text) - hold)
         delta_text = seq.text[seq.emitted_text_len : upto]
