@@ -19,6 +19,8 @@ _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "request_timeout",
+    413: "request_too_large",
     429: "rate_limit_error",
     499: "client_closed_request",
     500: "server_error",
@@ -37,6 +39,18 @@ class APIError(Exception):
         self.headers = headers
 
 
+class BodyError(StarletteHTTPException):
+    """A request body refused before validation (size, time, encoding, shape), with the field at fault.
+
+    An HTTPException, because FastAPI re-raises those from its body parsing as they are (any other
+    exception there becomes a generic "There was an error parsing the body").
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(status, message)
+        self.param = param
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
@@ -48,7 +62,15 @@ def error_response(status: int, message: str, param: str | None = None,
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     kind = _ERROR_TYPES.get(status) or _phrase(status)
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": printable(message), "type": kind, "param": printable(param), "code": status}}
+
+
+def printable(text: str | None) -> str | None:
+    """`text` with lone surrogates escaped: they cannot be encoded as UTF-8, and an error message
+    that quotes the client's input must not turn its 400 into a 500."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _phrase(status: int) -> str:
@@ -90,7 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "param", None),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
