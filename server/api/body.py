@@ -3,12 +3,13 @@
 FastAPI's own decoding answers "There was an error parsing the body" for invalid UTF-8 or JSON
 nested past Python's recursion limit, and lets a lone UTF-16 surrogate (`"\\ud800"` is valid JSON)
 through to the tokenizer, which cannot encode it. Every route with a body uses `CheckedRoute`:
-an empty body names the required fields, bad bytes and deep nesting are named as such, and a
+an empty body names the required fields, bad bytes and too deep nesting are named as such, and a
 surrogate is refused with the path of the field that holds it.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,7 +19,12 @@ from starlette.responses import Response
 
 from server.api.errors import BodyError
 
-MAX_JSON_DEPTH = 64  # requests here nest 4 deep (messages.0.content.0.text); 64 leaves room for tools
+# A UTF-16 surrogate escape that is not half of a pair. Bytes that decode as UTF-8 hold no
+# surrogates, so only an escape can bring one in: this cheap scan decides whether the (slower)
+# walk that names the field is needed. A false match (an escaped backslash before "ud800") only
+# costs the walk, which finds nothing.
+_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def decode_json(raw: bytes) -> Any:
@@ -32,37 +38,31 @@ def decode_json(raw: bytes) -> Any:
     try:
         value = json.loads(text.removeprefix("\ufeff"))
     except RecursionError:
-        raise BodyError(400, f"request body: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+        raise BodyError(400, "request body: JSON nested too deeply to parse") from None
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
-    check_json_value(value)
+    if _LONE_SURROGATE.search(text):
+        check_no_surrogates(value)
     return value
 
 
-def check_json_value(value: Any) -> None:
-    """Refuse nesting deeper than MAX_JSON_DEPTH and lone surrogates in strings or keys, naming the field.
-
-    Iterative, so that the check itself cannot hit the recursion limit.
-    """
-    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+def check_no_surrogates(value: Any) -> None:
+    """Refuse lone surrogates in strings or keys, naming the field. Iterative: the value may be deep."""
+    stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
-        item, path, depth = stack.pop()
+        item, path = stack.pop()
         if isinstance(item, str):
-            _check_text(item, path or "request body", path or None)
+            _check_text(item, f"{path or 'request body'}:", path or None)
             continue
         if not isinstance(item, (dict, list)):
             continue
-        if depth > MAX_JSON_DEPTH:
-            field = path.split(".")[0] or None  # the whole path would be dozens of indices long
-            raise BodyError(400, f"{field or 'request body'}: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)",
-                            field)
         children = item.items() if isinstance(item, dict) else enumerate(item)
         for key, child in children:
             if isinstance(key, str):
-                _check_text(key, f"{path}: a key" if path else "a key", path or None)
-            stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+                _check_text(key, f"{path or 'request body'}: a key", path or None)
+            stack.append((child, f"{path}.{key}" if path else str(key)))
 
 
 def _check_text(text: str, where: str, field: str | None) -> None:
@@ -70,7 +70,7 @@ def _check_text(text: str, where: str, field: str | None) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         code = ord(text[exc.start])
-        raise BodyError(400, f"{where}: contains a lone UTF-16 surrogate (U+{code:04X}) at character "
+        raise BodyError(400, f"{where} contains a lone UTF-16 surrogate (U+{code:04X}) at character "
                              f"{exc.start}, which is not valid Unicode text", field) from None
 
 

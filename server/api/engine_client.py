@@ -74,6 +74,9 @@ class EngineClient:
 
     async def render_chat(self, messages: list[ChatMessage]) -> Prompt:
         """Chat messages -> one prompt through the chat template, on the worker thread."""
+        if len(messages) > self.max_model_len:  # every turn costs the template at least one token
+            raise bad_request(f"messages: {len(messages)} messages cannot fit in the context length of "
+                              f"{self.max_model_len} tokens", "messages")
         chars = sum(len(part) for m in messages for part in _texts(m))
         if chars > self.max_prompt_chars:
             raise bad_request(f"messages: {chars} characters of content cannot fit in the context length of "
