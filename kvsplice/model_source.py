@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -180,10 +181,11 @@ def probe_hub(source: str) -> str | None:
     token = get_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{endpoint.rstrip('/')}/api/models/{source}"
+    silent = f"the hub at {endpoint} did not answer within {HUB_TIMEOUT_S:g}s"
     try:
-        response = httpx.get(url, headers=headers, timeout=HUB_TIMEOUT_S)
-    except httpx.TimeoutException:
-        return f"the hub at {endpoint} did not answer within {HUB_TIMEOUT_S:g}s"
+        response = _within(HUB_TIMEOUT_S, lambda: httpx.get(url, headers=headers, timeout=HUB_TIMEOUT_S))
+    except (httpx.TimeoutException, TimeoutError):
+        return silent
     except httpx.HTTPError as exc:
         return f"the hub at {endpoint} cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
     if response.status_code in (401, 403, 404):
@@ -192,6 +194,29 @@ def probe_hub(source: str) -> str | None:
     if response.status_code >= 400:
         return f"the hub at {endpoint} answered HTTP {response.status_code}"
     return None
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T:
+    """call(), or TimeoutError after `seconds`. httpx's timeouts do not cover name resolution, which
+    a broken resolver can stretch to many times that; the call goes on in a daemon thread that
+    the process does not wait for."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, call()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            result.append((False, exc))
+
+    worker = threading.Thread(target=run, name="kvsplice-hub-probe", daemon=True)
+    worker.start()
+    worker.join(seconds + 0.5)  # httpx's own timeout answers first when it applies
+    if not result:
+        raise TimeoutError(f"no answer within {seconds:g}s")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

@@ -154,17 +154,17 @@ class LLMEngine:
         """Fail every request of a step whose model forward failed. Their blocks are freed, so what
         the step half-wrote into the cache belongs to nobody; the next step starts clean."""
         self._consecutive_step_failures += 1
-        log.error("model step failed (%d in a row), failing its %d requests: %s: %s",
-                  self._consecutive_step_failures, len(batch), type(exc).__name__, exc,
-                  exc_info=log.isEnabledFor(logging.DEBUG))
+        log.error("model step failed (%d in a row), failing its %d requests", self._consecutive_step_failures,
+                  len(batch), exc_info=exc)
         outputs = [self._fail(item.seq, f"engine step failed: {type(exc).__name__}: {exc}") for item in batch]
         if self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise RuntimeError(f"{self._consecutive_step_failures} model steps failed in a row; last: {exc}") from exc
         return outputs
 
-    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
-        """End one request with finish_reason "error" and `message`; the others are untouched."""
-        log.warning("request %s failed: %s", seq.request_id, message)
+    def _fail(self, seq: Sequence, message: str, exc: Exception | None = None) -> RequestOutput:
+        """End one request with finish_reason "error" and `message`; the others are untouched.
+        `exc`, when given, is logged with its traceback: an exception here is a bug to find."""
+        log.warning("request %s failed: %s", seq.request_id, message, exc_info=exc)
         if not seq.is_finished:
             self._finish(seq, "error")
         seq.finish_reason, seq.error = "error", message
@@ -180,7 +180,7 @@ class LLMEngine:
                 try:
                     self._record_prompt_logprobs(seq, hidden[row : row + item.num_tokens])
                 except Exception as exc:  # noqa: BLE001
-                    outputs.append(self._fail(seq, f"prompt logprobs failed: {type(exc).__name__}: {exc}"))
+                    outputs.append(self._fail(seq, f"prompt logprobs failed: {type(exc).__name__}: {exc}", exc))
                     row += item.num_tokens
                     continue
             if seq.num_computed_tokens == 0:
@@ -195,18 +195,19 @@ class LLMEngine:
         try:
             logits = self.runner.logits(hidden[rows])
         except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
-            return outputs + [self._fail(seq, f"computing logits failed: {type(exc).__name__}: {exc}") for seq in ready]
+            failed = [self._fail(seq, f"computing logits failed: {type(exc).__name__}: {exc}", exc) for seq in ready]
+            return outputs + failed
         sampled = sample(logits, ready, self.eos_token_ids)
         return outputs + [self._take_token(seq, sampled, i) for i, seq in enumerate(ready)]
 
     def _take_token(self, seq: Sequence, sampled: Sampled, row: int) -> RequestOutput:
         error = sampled.errors.get(row)
         if error is not None:
-            return self._fail(seq, f"sampling failed: {type(error).__name__}: {error}")
+            return self._fail(seq, f"sampling failed: {type(error).__name__}: {error}", error)
         try:
             self._append(seq, sampled.tokens[row], sampled.records[row])
         except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer or stop-string failure: this request only
-            return self._fail(seq, f"handling its new token failed: {type(exc).__name__}: {exc}")
+            return self._fail(seq, f"handling its new token failed: {type(exc).__name__}: {exc}", exc)
         return self._output(seq)
 
     def _record_prompt_logprobs(self, seq: Sequence, hidden) -> None:
@@ -266,7 +267,7 @@ class LLMEngine:
             faults.check("output", seq.params.seed)
             return self._new_output(seq)
         except Exception as exc:  # noqa: BLE001
-            log.warning("request %s failed: building its output: %s: %s", seq.request_id, type(exc).__name__, exc)
+            log.warning("request %s failed: building its output", seq.request_id, exc_info=exc)
             if not seq.is_finished:
                 self._finish(seq, "error")
             seq.finish_reason = "error"
