@@ -7,6 +7,7 @@ the local cache is used then).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -142,19 +143,49 @@ def hub_offline() -> bool:
     return any(os.environ.get(name, "").strip().lower() in _TRUTHY for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _from_hub(load: Callable[[bool], T], source: str) -> T:
-    """A load of hub id `source`: load(local_only) is called with True to read only the local cache."""
+_OFFLINE = ("HF_HUB_OFFLINE=1 is set, so the hub is not asked",
+            "download the model elsewhere and pass its local path, or unset HF_HUB_OFFLINE")
+_UNREACHABLE_FIX = "check the network (or HTTPS_PROXY / HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use the local cache, " \
+                   "or pass a local path"
+
+
+def check_available(source: str) -> None:
+    """The cheap half of loading, without torch or transformers (seconds to import): a model that
+    cannot be had fails now, in one ModelNotFound line. The hub's answer is remembered for the load."""
+    path = Path(resolve_model_path(source))
+    if path.exists():
+        _check_model_dir(path, source)
+        return
+    _check_hub_id(source)
+    why, fix = _OFFLINE if hub_offline() else (probe_hub(source), _UNREACHABLE_FIX)
+    if why is not None and not _config_cached(source):
+        raise _not_cached(source, why, fix)
+
+
+def _check_hub_id(source: str) -> None:
     if _looks_like_path(source) or not _HUB_ID.fullmatch(source):
         raise ModelNotFound(f"model {source!r}: no such file or directory, and not a hub id (org/name); "
                             "pass an existing model directory, a hub id, or 'builtin'")
+
+
+def _config_cached(source: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(source, "config.json"), str)
+
+
+def _not_cached(source: str, why: str, fix: str) -> ModelNotFound:
+    return ModelNotFound(f"could not load {source!r}: {why}, and it is not in the local Hugging Face cache; {fix}")
+
+
+def _from_hub(load: Callable[[bool], T], source: str) -> T:
+    """A load of hub id `source`: load(local_only) is called with True to read only the local cache."""
+    _check_hub_id(source)
     if hub_offline():
-        return _cached_or_fail(load, source, "HF_HUB_OFFLINE=1 is set, so the hub is not asked",
-                               "download the model elsewhere and pass its local path, or unset HF_HUB_OFFLINE")
+        return _cached_or_fail(load, source, *_OFFLINE)
     problem = probe_hub(source)
     if problem is not None:
-        return _cached_or_fail(load, source, problem,
-                               "check the network (or HTTPS_PROXY / HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use "
-                               "the local cache, or pass a local path")
+        return _cached_or_fail(load, source, problem, _UNREACHABLE_FIX)
     try:
         return load(False)
     except Exception as exc:  # noqa: BLE001 - the hub answered, then a download or the files failed
@@ -166,12 +197,12 @@ def _cached_or_fail(load: Callable[[bool], T], source: str, why: str, fix: str) 
         result = load(True)
     except Exception as exc:  # noqa: BLE001 - not (wholly) in the local cache
         log.debug("no usable cached copy of %s", source, exc_info=True)
-        raise ModelNotFound(f"could not load {source!r}: {why}, and it is not in the local Hugging Face cache; "
-                            f"{fix}") from exc
+        raise _not_cached(source, why, fix) from exc
     log.warning("using the cached copy of %s: %s", source, why)
     return result
 
 
+@functools.lru_cache(maxsize=8)  # start-up asks before and while loading: one probe, one wait at most
 def probe_hub(source: str) -> str | None:
     """None if the hub has `source`; else why not, in a few words. One request, HUB_TIMEOUT_S at most."""
     import httpx

@@ -28,13 +28,13 @@ router = APIRouter(route_class=CheckedRoute)
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context):
     ctx.check_model(body.model)
-    prompts = await _prompts(ctx, body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens < 0:
         raise bad_request("max_tokens: must be >= 0", "max_tokens")
     params = make_sampling_params(
         max_tokens=max(max_tokens, 1), logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None,
         **body.sampling_fields())
+    prompts = await _prompts(ctx, body.prompt)  # after the cheap checks: tokenizing is the costly one
     request_id = new_request_id("cmpl")
     streams = ctx.client.submit(prompts, params, request_id)
     shape = _Shape(echo=body.echo, logprobs=body.logprobs is not None, hide_generated=max_tokens == 0)
