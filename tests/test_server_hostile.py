@@ -79,3 +79,15 @@ def test_injection_through_the_server_counts_the_text_as_text(client, tokenizer)
                                                  "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == len(render_chat(tokenizer, chat(("user", content))))
+
+
+@pytest.mark.parametrize("text,unpaired", [
+    (r'"\ud83d\ude00"', False), (r'"\uD83D\uDE00 and \ud83d\ude01"', False), (r'"\u00e9"', False),
+    (r'"\ud800"', True), (r'"\ude00"', True), (r'"a\ud83d"', True), (r'"\ud83d\ud83d"', True),
+    (r'"\ud83d\ude00\ud83d"', True), (r'"\ud83d x \ude00"', True), (r'"\ud83d x \ud83d\ude00"', True),
+])
+def test_the_surrogate_scan_finds_every_unpaired_escape(text, unpaired):
+    """The scan decides whether the body is walked for surrogates: a miss would let one through."""
+    from server.api.body import _has_unpaired_surrogate_escape
+
+    assert _has_unpaired_surrogate_escape(text) is unpaired

@@ -19,12 +19,23 @@ from starlette.responses import Response
 
 from server.api.errors import BodyError
 
-# A UTF-16 surrogate escape that is not half of a pair. Bytes that decode as UTF-8 hold no
-# surrogates, so only an escape can bring one in: this cheap scan decides whether the (slower)
-# walk that names the field is needed. A false match (an escaped backslash before "ud800") only
-# costs the walk, which finds nothing.
-_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+# A UTF-16 surrogate escape in JSON text. Bytes that decode as UTF-8 hold no surrogates, so only
+# an escape can bring one in: a scan for unpaired ones decides whether the (slower) walk that
+# names the field is needed. A false match (an escaped backslash before "ud800") only costs the
+# walk, which then finds nothing.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_unpaired_surrogate_escape(text: str) -> bool:
+    high_end = -1  # where the last high-surrogate escape ended, while it waits for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        is_low = match.group()[3] in "cdefCDEF"
+        if is_low and high_end != match.start():
+            return True  # a low half without its high half just before
+        if not is_low and high_end != -1:
+            return True  # a high half whose low half did not follow
+        high_end = -1 if is_low else match.end()
+    return high_end != -1
 
 
 def decode_json(raw: bytes) -> Any:
@@ -43,7 +54,7 @@ def decode_json(raw: bytes) -> Any:
         raise
     except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
-    if _LONE_SURROGATE.search(text):
+    if _has_unpaired_surrogate_escape(text):
         check_no_surrogates(value)
     return value
 
