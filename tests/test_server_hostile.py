@@ -91,3 +91,13 @@ def test_the_surrogate_scan_finds_every_unpaired_escape(text, unpaired):
     from server.api.body import _has_unpaired_surrogate_escape
 
     assert _has_unpaired_surrogate_escape(text) is unpaired
+
+
+@pytest.mark.parametrize("temperature", [1e300, 3.5e38, 1e6])
+def test_huge_temperatures_sample_even_with_banned_tokens(client, temperature):
+    """Found by the fuzzer: a temperature past float32's range turned min_tokens' banned -inf into NaN."""
+    body = {"model": "kvsplice-tiny", "prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "temperature": temperature,
+            "seed": 7}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 2

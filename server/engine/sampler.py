@@ -100,9 +100,15 @@ def _block_early_stop(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[i
     return logits
 
 
+# Dividing float32 logits by a temperature past float32's range divides by inf, and a banned
+# token's -inf (min_tokens) becomes NaN. Above this cap every distribution is already uniform
+# over the tokens allowed (logits differ by far less than the cap), so capping changes nothing else.
+MAX_TEMPERATURE = 1e6
+
+
 def _draw(row: Tensor, seq: Sequence) -> int:
     p = seq.params
-    row = row / p.temperature
+    row = row / min(p.temperature, MAX_TEMPERATURE)
     if p.top_k > 0:
         kth = row.topk(min(p.top_k, row.numel())).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
