@@ -91,9 +91,23 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         return serve(settings)
-    except ValueError as exc:  # the engine refusing a setting combination (e.g. a budget too small)
-        print(f"kvsplice serve: cannot start: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a start-up failure is one line; the traceback is for debugging
+        logging.getLogger("kvsplice.serve").debug("start-up failed", exc_info=True)
+        print(f"kvsplice serve: cannot start: {startup_message(exc)}", file=sys.stderr)
         return 2
+
+
+def startup_message(exc: BaseException) -> str:
+    """One line. Our own refusals (ModelNotFound, and ValueError for settings the engine or the
+    model cannot take) name the problem and the fix already; anything else gets its type, its
+    first line, and where to find the rest."""
+    from kvsplice.model_source import ModelNotFound
+
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if isinstance(exc, (ModelNotFound, ValueError)):
+        return " ".join(lines) or type(exc).__name__
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first} (run with --log-level debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ it instead of surfacing later from deep inside the engine.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,6 +67,25 @@ def _parse_size(value: Any) -> Any:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+def _valid_api_key(value: str | None) -> str | None:
+    """An empty key must not mean "no key": that would start an open server by accident."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("is empty; give a key, or leave the setting out to serve without one")
+    if any(ch.isspace() for ch in value):
+        raise ValueError("contains whitespace (a key read from a file with its trailing newline?)")
+    if not all(0x21 <= ord(ch) <= 0x7E for ch in value):
+        raise ValueError("must be printable ASCII: clients send it in an HTTP header")
+    return value
+
+
+def _in_seed_range(value: int) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise ValueError("must be a 64-bit signed integer")
+    return value
+
+
 AtLeastOne = Annotated[int, _at_least(1)]
 UnitFraction = Annotated[float, AfterValidator(_in_unit_interval)]
 ByteSize = Annotated[int, BeforeValidator(_parse_size), _at_least(1)]
@@ -79,7 +99,8 @@ class Settings(BaseSettings):
     model: str = Field("builtin", description="hub id, local path, or 'builtin' (the tiny model in the package)")
     served_model_name: str | None = Field(None, description="name clients use in 'model' (default: the model's name)")
     trust_remote_code: bool = Field(False, description="allow custom model code from the model repo")
-    seed: int = Field(0, description="engine seed for sampling without a per-request seed")
+    seed: Annotated[int, AfterValidator(_in_seed_range)] = Field(
+        0, description="engine seed for sampling without a per-request seed")
     # How to run it.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -107,10 +128,19 @@ class Settings(BaseSettings):
     # HTTP.
     host: str = Field("127.0.0.1", description="address to listen on")
     port: Annotated[int, AfterValidator(_valid_port)] = Field(8000, description="port to listen on")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* and /generate")
+    api_key: Annotated[str | None, AfterValidator(_valid_api_key)] = Field(
+        None, description="require 'Authorization: Bearer KEY' on every path but /health (and /metrics, see below)")
+    metrics_require_api_key: bool = Field(
+        False, description="with api_key, /metrics needs the key too (default: open for Prometheus, as in vLLM)")
+    max_request_body_bytes: ByteSize = Field(
+        8 * 2**20, description="request bodies beyond this many bytes (or e.g. 8MiB) get 413")
+    request_header_timeout_s: Annotated[float, _at_least(0.1)] = Field(
+        10.0, description="a connection whose request headers are not complete in this time is closed (408)")
+    request_body_timeout_s: Annotated[float, _at_least(0.1)] = Field(
+        30.0, description="a request body not received in full within this time gets 408")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
     drain_timeout_s: Annotated[float, _at_least(0)] = Field(
-        30.0, description="on SIGTERM, how long in-flight requests may take to finish")
+        30.0, description="on SIGTERM, how long in-flight requests may take to finish (then they get 503)")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -161,6 +191,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     values = {str(key).replace("-", "_"): value for key, value in data.items()}
     if "config" in values:
         raise InvalidSettings(f"config: {path} may not name another config file")
+    if "api_key" in values and values["api_key"] is None:  # `api_key:` with nothing after it
+        raise InvalidSettings(f"api_key: is empty in {path}; give a key, or remove the line to serve without one")
     return values
 
 
@@ -185,6 +217,11 @@ def load_settings(**flags: Any) -> Settings:
 
     Raises InvalidSettings with one line per bad field, each starting with the field's name.
     """
+    # The environment ignores empty values (Compose passes `VAR=` for unset variables), except the
+    # API key: KVSPLICE_API_KEY="" must not start an open server while its operator thinks otherwise.
+    if os.environ.get(f"{ENV_PREFIX}API_KEY") == "" and "api_key" not in flags:
+        raise InvalidSettings(f"api_key: {ENV_PREFIX}API_KEY is set but empty; give a key, or unset it to serve "
+                              "without one")
     try:
         return Settings(**flags)
     except ValidationError as exc:

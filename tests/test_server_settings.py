@@ -22,7 +22,8 @@ def test_defaults():
     s = load_settings()
     assert (s.model, s.host, s.port) == ("builtin", "127.0.0.1", 8000)
     assert (s.compression_ratio, s.max_waiting_requests) == (1.0, 256)
-    assert s.tensor_parallel_size == 1 and s.api_key is None
+    assert s.tensor_parallel_size == 1 and s.api_key is None and not s.metrics_require_api_key
+    assert (s.max_request_body_bytes, s.request_header_timeout_s, s.request_body_timeout_s) == (8 * 2**20, 10.0, 30.0)
 
 
 @pytest.mark.parametrize("suffix,text", [
@@ -76,6 +77,11 @@ def test_engine_config_carries_engine_fields():
     ({"log_level": "loud"}, "log_level:"),
     ({"max_num_seqs": "many"}, "max_num_seqs:"),
     ({"config": "/nonexistent/serve.yaml"}, "config: cannot read"),
+    ({"api_key": ""}, "api_key: is empty"),
+    ({"api_key": "key "}, "api_key: contains whitespace"),
+    ({"seed": str(2**64)}, "seed: must be a 64-bit signed integer"),
+    ({"max_request_body_bytes": "0"}, "max_request_body_bytes: must be >= 1"),
+    ({"request_header_timeout_s": "0"}, "request_header_timeout_s: must be >= 0.1"),
 ])
 def test_invalid_settings_name_the_field(flags, message):
     with pytest.raises(InvalidSettings) as info:
@@ -88,6 +94,15 @@ def test_unknown_key_in_config_file(tmp_path):
     config.write_text("compresion_ratio: 0.5\n")
     with pytest.raises(InvalidSettings, match="compresion_ratio: unknown setting"):
         load_settings(config=str(config))
+
+
+def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch):
+    """Other empty KVSPLICE_* variables are ignored (Compose passes `VAR=`); this one would open the server."""
+    monkeypatch.setenv("KVSPLICE_API_KEY", "")
+    monkeypatch.setenv("KVSPLICE_SERVED_MODEL_NAME", "")
+    with pytest.raises(InvalidSettings, match="KVSPLICE_API_KEY is set but empty"):
+        load_settings()
+    assert load_settings(api_key="from-flag").api_key == "from-flag"  # a flag wins over the environment
 
 
 def test_invalid_env_value_names_the_field(monkeypatch):

@@ -1,9 +1,9 @@
-"""SIGTERM: stop taking new requests, let the in-flight one finish, exit 0."""
+"""SIGTERM: stop taking new requests, let the in-flight one finish, exit 0; or cut it at the drain timeout, exit 3."""
 from __future__ import annotations
 
+import json
 import signal
 import threading
-import time
 
 import httpx
 
@@ -42,24 +42,32 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         assert "draining" in log and "Traceback" not in log
 
 
-def test_drain_timeout_bounds_the_wait():
-    """A request still running when drain_timeout_s ends is cut off with a 503; the exit stays clean."""
+def test_drain_timeout_cuts_what_still_runs_with_an_error_and_exits_3():
+    """Requests still running when drain_timeout_s ends are cut: a stream gets an error event and
+    [DONE], a non-streaming request a 503; the log counts them and the exit status is 3."""
     with start_server("--drain-timeout-s", "1") as server:
         base, process = server
-        result: dict = {}
+        results: dict = {}
+        endless = {"prompt": "Never ending", "max_tokens": 1000, "ignore_eos": True}  # far longer than 1 s
 
-        def endless_request() -> None:  # ~1000 tokens: far longer than the 1 s drain
-            result["response"] = httpx.post(base + "/generate", timeout=120.0, json={
-                "prompt": "Never ending", "max_tokens": 1000, "ignore_eos": True})
+        def send(name: str, body: dict) -> None:
+            results[name] = httpx.post(base + "/generate", timeout=120.0, json=body)
 
-        client = threading.Thread(target=endless_request)
-        client.start()
-        wait_until(lambda: metric(base, "kvsplice:num_requests_running") == 1, message="request running")
-        started = time.monotonic()
+        clients = [threading.Thread(target=send, args=("plain", endless)),
+                   threading.Thread(target=send, args=("stream", {**endless, "stream": True}))]
+        for client in clients:
+            client.start()
+        wait_until(lambda: metric(base, "kvsplice:num_requests_running") == 2, message="both requests running")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
-        assert time.monotonic() - started < 15
-        client.join(30)
-        response = result["response"]
-        assert response.status_code == 503 and "shut down" in response.json()["error"]["message"]
-        assert "Traceback" not in server.log()
+        assert process.wait(60) == 3
+        for client in clients:
+            client.join(60)
+        plain, stream = results["plain"], results["stream"]
+        assert plain.status_code == 503 and "drain_timeout_s" in plain.json()["error"]["message"]
+        events = [e for e in stream.text.split("\n\n") if e.strip()]
+        assert stream.status_code == 200 and events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == 503 and "drain_timeout_s" in error["message"]
+        assert len(events) > 3  # tokens streamed before the cut
+        log = server.log()
+        assert "cut 2 in-flight request(s)" in log and "Traceback" not in log

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from server.api.context import ServerContext
 from server.api.engine_client import EngineClient
 from server.api.errors import install_error_handlers
+from server.api.limits import BodyLimitMiddleware
 from server.api.logprobs import TokenText
 from server.api.metrics import ServerMetrics
 from server.api.middleware import APIGateMiddleware
@@ -31,6 +32,9 @@ def build_app(engine, settings: Settings) -> FastAPI:
     install_error_handlers(app)
     for module in (generate, completions, chat, models, ops):
         app.include_router(module.router)
+    # The last added runs first: the API key is checked before any of the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes,
+                       body_timeout_s=settings.request_body_timeout_s)
     app.add_middleware(APIGateMiddleware, ctx=ctx)
     return app
 

@@ -22,6 +22,7 @@ class ServerContext:
     model_name: str  # the name clients send as `model`
     token_text: TokenText
     draining: bool = False  # set on SIGTERM: refuse new work, let in-flight requests finish
+    cut_requests: int = 0  # requests ended by the drain timeout instead of finishing
 
     def check_model(self, requested: str | None) -> None:
         """OpenAI clients always name a model; a wrong name is a 404, as with OpenAI."""

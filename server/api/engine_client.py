@@ -1,9 +1,11 @@
 """The API's handle on the engine: prompt checks, admission control, per-request streams.
 
-Routes never call the engine directly. They ask this client to `submit` prompts, which either
-refuses at once (400 for a prompt that cannot fit, 429 when the queue is full) or hands back one
-`RequestStream` per prompt. A stream releases its admission slot when it ends or is closed, and
-closing it early aborts the engine request, which frees its KV blocks.
+Routes never call the engine directly. They ask this client to `encode` prompts (bounded in
+length first, then tokenized on a worker thread so that a large prompt never stalls the event
+loop) and to `submit` them, which either refuses at once (400 for a prompt that cannot fit, 429
+when the queue is full) or hands back one `RequestStream` per prompt. A stream releases its
+admission slot when it ends or is closed, and closing it early aborts the engine request, which
+frees its KV blocks. `cut_all` ends every live stream with a 503 (the drain timeout).
 """
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from server.api.chat_template import render_chat
 from server.api.errors import APIError, bad_request
+from server.api.protocol import ChatMessage
 from server.api.metrics import ServerMetrics
 from server.engine.async_engine import EngineDeadError
 from server.engine.outputs import RequestOutput
@@ -23,6 +29,7 @@ from server.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,6 +49,14 @@ class EngineClient:
         self._max_num_seqs = max_num_seqs
         self._max_waiting = max_waiting_requests
         self._in_flight = 0  # admitted here and not finished; counted before the engine sees them
+        self._live: set[RequestStream] = set()
+        self._cut_reason: str | None = None  # set by cut_all: no new request is taken after it
+        # A text of more characters than this cannot fit in max_model_len tokens, since no token
+        # stands for more characters than the longest one in the vocabulary: refused untokenized.
+        self.max_prompt_chars = self.max_model_len * longest_token_chars(self.tokenizer)
+        # One thread: tokenizing is CPU work that must not hold the event loop, and one caller at a
+        # time keeps the tokenizer from being entered concurrently from several threads.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kvsplice-tokenize")
 
     @property
     def in_flight(self) -> int:
@@ -50,8 +65,48 @@ class EngineClient:
 
     # ------------------------------------------------------------ prompts
 
-    def encode(self, text: str) -> Prompt:
-        return Prompt(self.tokenizer(text, verbose=False).input_ids, text)
+    async def encode(self, texts: Sequence[str]) -> list[Prompt]:
+        """Text prompts -> token ids, after the checks that need no tokenizer."""
+        self.check_count(len(texts))
+        for text in texts:
+            self._check_text(text)
+        return await self._off_loop(self._encode_now, list(texts))
+
+    async def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+        """Chat messages -> one prompt through the chat template, on the worker thread."""
+        if len(messages) > self.max_model_len:  # every turn costs the template at least one token
+            raise bad_request(f"messages: {len(messages)} messages cannot fit in the context length of "
+                              f"{self.max_model_len} tokens", "messages")
+        chars = sum(len(part) for m in messages for part in _texts(m))
+        if chars > self.max_prompt_chars:
+            raise bad_request(f"messages: {chars} characters of content cannot fit in the context length of "
+                              f"{self.max_model_len} tokens", "messages")
+        return Prompt(await self._off_loop(render_chat, self.tokenizer, messages))
+
+    def _check_text(self, text: str) -> None:
+        if not text:
+            raise bad_request("prompt: must not be empty", "prompt")
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(f"prompt: {len(text)} characters cannot fit in the context length of {self.max_model_len} "
+                              f"tokens (at most {self.max_prompt_chars} characters could)", "prompt")
+
+    def _encode_now(self, texts: list[str]) -> list[Prompt]:
+        try:
+            return [Prompt(self.tokenizer(text, verbose=False).input_ids, text) for text in texts]
+        except Exception as exc:  # the tokenizer refusing a text is the client's 400, not our 500
+            raise bad_request(f"prompt: could not be tokenized: {type(exc).__name__}: {exc}", "prompt") from None
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, function, *args)
+
+    def check_count(self, count: int) -> None:
+        """A request with more prompts than the server ever holds at once is a 400: retrying cannot help."""
+        capacity = self._max_num_seqs + self._max_waiting
+        if count > capacity:
+            raise bad_request(
+                f"prompt: {count} prompts in one request are more than this server holds at once "
+                f"(max_num_seqs {self._max_num_seqs} + max_waiting_requests {self._max_waiting}); "
+                f"send at most {capacity} per request", "prompt")
 
     def from_token_ids(self, token_ids: list[int]) -> Prompt:
         vocab = len(self.tokenizer)
@@ -73,24 +128,42 @@ class EngineClient:
 
     def submit(self, prompts: Sequence[Prompt], params: SamplingParams, request_id: str) -> list[RequestStream]:
         """Admit all prompts or none; each is its own engine request (`request_id`, or `request_id-i`)."""
+        if self._cut_reason is not None:
+            raise APIError(503, self._cut_reason)
+        self.check_count(len(prompts))
         for prompt in prompts:
             self.check_fits(prompt, params.max_tokens)
         self._admit(len(prompts))
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        return [RequestStream(rid, prompt, self._run(rid, prompt, params), release=self._release)
-                for rid, prompt in zip(ids, prompts)]
+        streams = [RequestStream(rid, prompt, self._run(rid, prompt, params), release=self._release,
+                                 cancel=self.engine.cancel, group=request_id)
+                   for rid, prompt in zip(ids, prompts)]
+        self._live.update(streams)
+        return streams
 
     def _admit(self, count: int) -> None:
         # The engine's waiting count lags (it is updated by the engine thread), so also count what
         # this process has admitted beyond the running slots. Both are estimates of the same queue.
+        # Every prompt counts: those that free running slots do not take go to the queue.
         waiting = max(self.engine.stats().num_waiting, self._in_flight - self._max_num_seqs, 0)
-        if waiting + count > self._max_waiting:
+        free_slots = max(self._max_num_seqs - (self._in_flight - waiting), 0)
+        would_wait = waiting + max(count - free_slots, 0)
+        if would_wait > self._max_waiting:
             raise APIError(429, f"server overloaded: {waiting} requests waiting (max_waiting_requests="
                                 f"{self._max_waiting}); retry later", headers={"Retry-After": RETRY_AFTER_S})
         self._in_flight += count
 
-    def _release(self) -> None:
+    def _release(self, stream: RequestStream) -> None:
         self._in_flight -= 1
+        self._live.discard(stream)
+
+    def cut_all(self, reason: str) -> tuple[int, int]:
+        """End every live stream with APIError(503, reason) and refuse new ones; (HTTP requests, prompts) cut."""
+        self._cut_reason = reason
+        streams = list(self._live)
+        for stream in streams:
+            stream.cut(reason)
+        return len({stream.group for stream in streams}), len(streams)
 
     async def _run(self, request_id: str, prompt: Prompt,
                    params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
@@ -102,6 +175,8 @@ class EngineClient:
                 async for out in outputs:
                     tracker.on_output(out)
                     yield out
+        except APIError:  # a cut (drain timeout): already the answer
+            raise
         except ValueError as exc:  # the engine's own prompt checks; ours should have caught these
             raise bad_request(str(exc)) from None
         except EngineDeadError as exc:
@@ -117,16 +192,23 @@ class RequestStream:
     """The outputs of one engine request. Iterate it, and `aclose()` it when done (idempotent)."""
 
     def __init__(self, request_id: str, prompt: Prompt, outputs: AsyncGenerator[RequestOutput, None],
-                 release: Callable[[], None]):
+                 release: Callable[[RequestStream], None],
+                 cancel: Callable[[str, BaseException], None] | None = None, group: str | None = None):
         self.request_id = request_id
+        self.group = group or request_id  # the HTTP request this prompt belongs to
         self.prompt = prompt
         self._outputs = outputs
-        self._release_slot: Callable[[], None] | None = release  # the admission slot, given back once
+        self._release_slot: Callable[[RequestStream], None] | None = release  # the admission slot, given back once
+        self._cancel = cancel
+        self._cut_reason: str | None = None
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        if self._cut_reason is not None:
+            self._release()
+            raise APIError(503, self._cut_reason)
         try:
             out = await self._outputs.__anext__()
         except BaseException:
@@ -135,6 +217,13 @@ class RequestStream:
         if out.finished:
             self._release()
         return out
+
+    def cut(self, reason: str) -> None:
+        """End this stream with APIError(503, reason) now: whoever iterates it gets the error, and
+        the engine request is aborted (which frees its blocks)."""
+        self._cut_reason = reason
+        if self._cancel is not None:
+            self._cancel(self.request_id, APIError(503, reason))
 
     async def final(self) -> RequestOutput:
         """Run to the end and return the last output."""
@@ -151,7 +240,7 @@ class RequestStream:
 
     def _release(self) -> None:
         if self._release_slot is not None:
-            self._release_slot()
+            self._release_slot(self)
             self._release_slot = None
 
 
@@ -170,6 +259,20 @@ async def final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]
 async def close_all(streams: Sequence[RequestStream]) -> None:
     for stream in streams:
         await stream.aclose()
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the longest vocabulary entry: an upper bound on the text one token stands for
+    (byte-level entries have one character per byte, and a byte is at most one character)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
+def _texts(message: ChatMessage) -> list[str]:
+    if message.content is None:
+        return []
+    if isinstance(message.content, str):
+        return [message.content]
+    return [part.text or "" for part in message.content]
 
 
 def new_request_id(kind: str) -> str:

@@ -6,6 +6,7 @@ validation errors become 400s whose message names the offending field.
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -14,11 +15,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
+_FIELD_PREFIX = re.compile(r"([a-z_][a-z0-9_.]*)(?: / [a-z_]+)*:")
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "request_timeout",
+    413: "request_too_large",
     429: "rate_limit_error",
     499: "client_closed_request",
     500: "server_error",
@@ -37,6 +41,18 @@ class APIError(Exception):
         self.headers = headers
 
 
+class BodyError(StarletteHTTPException):
+    """A request body refused before validation (size, time, encoding, shape), with the field at fault.
+
+    An HTTPException, because FastAPI re-raises those from its body parsing as they are (any other
+    exception there becomes a generic "There was an error parsing the body").
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(status, message)
+        self.param = param
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
@@ -48,7 +64,15 @@ def error_response(status: int, message: str, param: str | None = None,
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     kind = _ERROR_TYPES.get(status) or _phrase(status)
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": printable(message), "type": kind, "param": printable(param), "code": status}}
+
+
+def printable(text: str | None) -> str | None:
+    """`text` with lone surrogates escaped: they cannot be encoded as UTF-8, and an error message
+    that quotes the client's input must not turn its 400 into a 500."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _phrase(status: int) -> str:
@@ -60,22 +84,28 @@ def _phrase(status: int) -> str:
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line per problem ("max_tokens: Input should be a valid integer"), and the first field."""
-    lines, params = [], []
-    for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        if error.get("type") == "json_invalid":
-            lines.append(f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
-            continue
-        message = error["msg"].removeprefix("Value error, ")
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field"
-        field = ".".join(loc)
-        if not field and error.get("type") == "model_attributes_type":
-            message = "request body must be a JSON object (and sent with Content-Type: application/json)"
-        if field:
-            params.append(field)
-        lines.append(f"{field}: {message}" if field else message)
-    return "; ".join(lines) or "invalid request", (params[0] if params else None)
+    described = [_describe(error) for error in exc.errors()]
+    params = [param for _, param in described if param]
+    return "; ".join(line for line, _ in described) or "invalid request", (params[0] if params else None)
+
+
+def _describe(error: dict) -> tuple[str, str | None]:
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    kind = error.get("type")
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}", None
+    if kind == "extra_forbidden" and loc and not loc[-1]:
+        loc[-1] = "''"  # an empty key still needs a name in the message
+    field = ".".join(loc)
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field", field
+    message = error["msg"].removeprefix("Value error, ")
+    if field:
+        return f"{field}: {message}", field
+    if kind == "model_attributes_type":
+        return "request body must be a JSON object (and sent with Content-Type: application/json)", None
+    named = _FIELD_PREFIX.match(message)  # a model-level check ("n: only n=1 is supported") names its field first
+    return message, named.group(1) if named else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -90,7 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "param", None),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+
+from server.engine.sampling_params import SEED_MAX, SEED_MIN
 
 
 def one_of(description: str) -> WrapValidator:
@@ -24,7 +26,29 @@ def one_of(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-StopStrings = Annotated[str | list[str] | None, one_of("a string or a list of strings")]
+MAX_STOP_STRINGS = 16  # each is searched for after every token: a bound on the engine's work per step
+MAX_STOP_CHARS = 1024
+
+
+def _bounded_stop(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
+    return value
+
+
+def _in_seed_range(value: int | None) -> int | None:
+    if value is not None and not SEED_MIN <= value <= SEED_MAX:
+        raise ValueError(f"must be a 64-bit signed integer, in [{SEED_MIN}, {SEED_MAX}]")
+    return value
+
+
+StopStrings = Annotated[str | list[str] | None, one_of("a string or a list of strings"), AfterValidator(_bounded_stop)]
+# JSON has no Infinity or NaN, but Python's parser (and so FastAPI's) accepts both, and 1e999 is inf.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Seed = Annotated[int | None, AfterValidator(_in_seed_range)]
 
 
 class Usage(BaseModel):
@@ -46,11 +70,11 @@ class GenerateRequest(BaseModel):
 
     prompt: Annotated[str | list[str], one_of("a string or a list of strings")]
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: FiniteFloat = 1.0
+    top_p: FiniteFloat = 1.0
     top_k: int = -1
     stop: StopStrings = None
-    seed: int | None = None
+    seed: Seed = None
     stream: bool = False
     ignore_eos: bool = False
 
@@ -86,20 +110,20 @@ class OpenAISampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
     top_k: int | None = None
     n: int = 1
     stop: StopStrings = None
-    seed: int | None = None
+    seed: Seed = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     # Accepted so that clients sending the neutral value work; any other value is refused below.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    logit_bias: dict[str, FiniteFloat] | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
@@ -198,9 +222,12 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's; the template may refuse some
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
+    role: ChatRole
     content: Annotated[str | list[ContentPart] | None, one_of("a string or a list of content parts")] = None
     name: str | None = None
 

@@ -37,9 +37,8 @@ class TorchBackend(AttentionBackend):
         fresh = meta.fresh
         k, v = expand(layer, stored[fresh.index])  # [B, Q, H, .]
         q = torch.cat([q_nope, q_pe], dim=-1)[fresh.index]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=layer.scale)
-        return out.transpose(1, 2)[fresh.valid]
+        out = attend(q, k, v, layer.scale, is_causal=True)
+        return out[fresh.valid]
 
     def prefill_chunked(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor,
                         meta: AttentionMetadata) -> Tensor:
@@ -53,9 +52,20 @@ class TorchBackend(AttentionBackend):
         positions = (chunk.context_lens - chunk.query_lens)[:, None] + torch.arange(q.shape[1], device=q.device)
         keys = torch.arange(rows.shape[1], device=q.device)
         mask = keys[None, None, :] <= positions[:, :, None]  # [B, Q, K]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask[:, None], scale=layer.scale)
-        return out.transpose(1, 2)[chunk.valid]
+        return attend(q, k, v, layer.scale, mask=mask[:, None])[chunk.valid]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool = False,
+           mask: Tensor | None = None) -> Tensor:
+    """SDPA over [B, L, H, D] tensors, returning [B, Q, H, v]. On CUDA, V is zero-padded to the
+    query/key width (192 vs 128 on DeepSeek-V2): the flash kernel needs equal widths, and the
+    padding's output columns are dropped."""
+    v_dim = v.shape[-1]
+    if q.is_cuda and v_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v_dim))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.transpose(1, 2)[..., :v_dim]
 
 
 def expand(layer: MLAWeights, stored: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from kvsplice.model_source import served_name
+from server.engine import faults
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineStats, LLMEngine
 from server.engine.outputs import RequestOutput
@@ -51,6 +52,15 @@ class AsyncLLMEngine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._crashed is None
 
+    @property
+    def death(self) -> str | None:
+        """Why the engine loop stopped, once it has died (None while alive or before start)."""
+        if self._crashed is not None:
+            return f"{type(self._crashed).__name__}: {self._crashed}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return "the engine thread exited"
+        return None
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -66,12 +76,12 @@ class AsyncLLMEngine:
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
-        accepted: asyncio.Future = loop.create_future()
         self._streams[request_id] = (loop, stream)
-        self._commands.put(("add", (request_id, prompt, params, accepted)))
+        self._commands.put(("add", (request_id, prompt, params)))
         finished = False
         try:
-            await accepted  # ValueError from validation surfaces here, before anything is yielded
+            # A refusal (ValueError from validation) or the engine's death arrives on the stream like
+            # an output: one queue to wait on, so nothing can leave this request waiting forever.
             while True:
                 out = await stream.get()
                 if isinstance(out, BaseException):
@@ -87,6 +97,14 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def cancel(self, request_id: str, error: BaseException) -> None:
+        """End a request's stream with `error` at once, whatever the engine is busy with, and abort
+        it in the engine. Call from the event loop that iterates the stream."""
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            entry[1].put_nowait(error)
+        self.abort(request_id)
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -128,25 +146,15 @@ class AsyncLLMEngine:
             if out is not None:
                 self._deliver(out)
             return
-        request_id, prompt, params, accepted = payload
+        request_id, prompt, params = payload
+        faults.check("loop", params.seed)  # outside the guard below: a test's way to kill the loop
         try:
             self.engine.add_request(request_id, prompt, params)
-            self._resolve(request_id, accepted, None)
         except ValueError as exc:
-            self._resolve(request_id, accepted, exc)
-
-    def _resolve(self, request_id: str, future: asyncio.Future, error: Exception | None) -> None:
-        entry = self._streams.get(request_id)
-        if entry is None:
-            return
-        loop = entry[0]
-
-        def settle() -> None:
-            if future.done():
-                return
-            future.set_exception(error) if error else future.set_result(None)
-
-        loop.call_soon_threadsafe(settle)
+            self._deliver_error(request_id, exc)
+        except Exception as exc:  # noqa: BLE001 - add_request queues nothing when it fails: refuse this one alone
+            log.warning("request %s could not be added: %s: %s", request_id, type(exc).__name__, exc)
+            self._deliver_error(request_id, exc)
 
     def _deliver(self, out: RequestOutput) -> None:
         entry = self._streams.get(out.request_id)

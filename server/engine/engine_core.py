@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch.profiler import record_function
 
+from server.engine import faults
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.model_runner import ModelRunner, ModelSource
@@ -21,6 +22,10 @@ from server.engine.sequence import Sequence
 from server.engine.step import StepPlan, StepResult
 
 log = logging.getLogger(__name__)
+# A model step that fails this many times in a row is not one bad batch but a broken engine (a
+# sticky device error, say): the step raises, the engine loop dies, and the process exits so that
+# its supervisor restarts it, instead of failing every request while /health says ok.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass(slots=True)
@@ -74,6 +79,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._consecutive_step_failures = 0
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -109,13 +115,27 @@ class EngineCore:
             times = self.seqs[w.request_id].times
             times.first_scheduled = times.first_scheduled or now
         try:
+            for w in plan.work:
+                faults.check("forward", w.params.seed)
             with record_function("engine.execute"):
                 result = self.runner.execute(plan)
         except Exception as exc:  # noqa: BLE001 - the batch cannot be attributed further; fail it, keep serving
-            log.exception("model step failed")
-            return [out for w in plan.work if (out := self.finish(w.request_id, "error", f"engine step failed: {exc}"))]
+            return self._fail_step(plan, exc)
+        self._consecutive_step_failures = 0
         with record_function("engine.update"):
             return self._update(plan, result)
+
+    def _fail_step(self, plan: StepPlan, exc: Exception) -> list[CoreOutput]:
+        """Fail every request of a step whose model forward failed. Their blocks are freed, so what
+        the step half-wrote into the cache belongs to nobody; the next step starts clean."""
+        self._consecutive_step_failures += 1
+        log.error("model step failed (%d in a row), failing its %d requests", self._consecutive_step_failures,
+                  len(plan.work), exc_info=exc)
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        outputs = [out for w in plan.work if (out := self.finish(w.request_id, "error", message))]
+        if self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise RuntimeError(f"{self._consecutive_step_failures} model steps failed in a row; last: {exc}") from exc
+        return outputs
 
     def _update(self, plan: StepPlan, result: StepResult) -> list[CoreOutput]:
         for w in plan.work:
@@ -125,7 +145,11 @@ class EngineCore:
             seq.num_computed_tokens = w.end
             if w.request_id in result.prompt_logprobs:
                 self._record_prompt_logprobs(seq, w.start, result.prompt_logprobs[w.request_id])
-        outputs = [out for rid, why in result.failed.items() if (out := self.finish(rid, "error", why))]
+        outputs = []
+        for request_id, why in result.failed.items():
+            log.warning("request %s failed: %s", request_id, why)
+            if out := self.finish(request_id, "error", why):
+                outputs.append(out)
         now = time.time()
         for s in result.sampled:
             seq = self.seqs[s.request_id]

@@ -49,7 +49,12 @@ class LLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+            if not prompt:
+                return []
+            try:
+                return self.tokenizer.encode(prompt, add_special_tokens=True)
+            except Exception as exc:  # e.g. a lone surrogate, which the tokenizer cannot take
+                raise ValueError(f"prompt could not be tokenized: {type(exc).__name__}: {exc}") from None
         vocab = self.hf_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
@@ -67,6 +72,8 @@ class LLMEngine:
     def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
             raise ValueError("prompt is empty")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
         total = prompt_len + max_tokens
         if total > self.max_model_len:
             raise ValueError(

@@ -214,13 +214,20 @@ class ModelRunner:
         ends = np.cumsum([len(w.token_ids) for w in work])
         for w, end in zip(work, ends):
             if w.prompt_targets:
-                result.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, hidden[end - len(w.token_ids):end])
-        chosen = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample]
+                try:
+                    result.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, hidden[end - len(w.token_ids):end])
+                except Exception as exc:  # noqa: BLE001 - this request alone fails
+                    result.failed[w.request_id] = f"prompt logprobs failed: {type(exc).__name__}: {exc}"
+        chosen = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample and w.request_id not in result.failed]
         if not chosen:
             return result
         rows = torch.tensor([row for _, row in chosen], device=hidden.device)
-        logits = self.model.compute_logits(hidden[rows])
         picked = [w for w, _ in chosen]
+        try:
+            logits = self.model.compute_logits(hidden[rows])
+        except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
+            result.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}" for w in picked})
+            return result
         tokens, records, failures = sample(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids)
         for i, w in enumerate(picked):
             if i in failures:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from server.engine import faults
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine_core import CoreOutput
 from server.engine.outputs import RequestOutput, TokenLogprob
@@ -43,7 +44,11 @@ class OutputProcessor:
         self._requests: dict[str, _RequestState] = {}
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        """Start tracking a request; ValueError if its prompt cannot even be decoded."""
+        try:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        except Exception as exc:  # nothing is queued yet: refusing this request is all it takes
+            raise ValueError(f"prompt could not be prepared: {type(exc).__name__}: {exc}") from None
         hold = max((len(s) - 1 for s in params.stop), default=0)
         self._requests[request_id] = _RequestState(prompt_token_ids, params, detokenizer, hold)
 
@@ -56,15 +61,33 @@ class OutputProcessor:
             try:
                 stop = self._advance(state, core)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: fail this request only
-                log.exception("output processing failed for request %s", core.request_id)
-                core.finish_reason, core.error = "error", f"request failed: {exc}"
-                done.to_finish.append((core.request_id, "error", core.error))
+                self._fail(core, f"handling its new token failed: {type(exc).__name__}: {exc}", exc, done)
             else:
                 if stop is not None and not core.finished:
                     core.finish_reason, core.stop_reason = "stop", stop
                     done.to_finish.append((core.request_id, "stop", stop))
-            done.outputs.append(self._output(core.request_id, state, core))
+            done.outputs.append(self._safe_output(core.request_id, state, core, done))
         return done
+
+    @staticmethod
+    def _fail(core: CoreOutput, message: str, exc: Exception, done: Processed) -> None:
+        # An exception here is a bug to find: log its traceback.
+        log.warning("request %s failed: %s", core.request_id, message, exc_info=exc)
+        if not core.finished:
+            done.to_finish.append((core.request_id, "error", message))
+        core.finish_reason, core.error = "error", core.error or message
+
+    def _safe_output(self, request_id: str, state: _RequestState, core: CoreOutput, done: Processed) -> RequestOutput:
+        """The request's output; if that cannot be built, it fails (alone) with one that carries the reason."""
+        try:
+            faults.check("output", state.params.seed)
+            return self._output(request_id, state, core)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(core, f"building the output failed: {type(exc).__name__}: {exc}", exc, done)
+            self._requests.pop(request_id, None)
+            return RequestOutput(request_id=request_id, prompt_token_ids=state.prompt_token_ids, text="",
+                                 delta_text="", token_ids=[], delta_token_ids=[], finished=True,
+                                 finish_reason="error", error=core.error, times=core.times)
 
     def _advance(self, state: _RequestState, core: CoreOutput) -> str | None:
         """Take in the new tokens; the stop string found in the text, if any (the text is cut there)."""
@@ -72,6 +95,7 @@ class OutputProcessor:
         state.logprobs.extend(core.new_logprobs)
         if not state.params.detokenize:
             return None
+        faults.check("detokenize", state.params.seed)
         for token in core.new_token_ids:
             state.text += state.detokenizer.push(token)
         if state.params.stop and len(state.token_ids) >= state.params.min_tokens:

@@ -1,9 +1,15 @@
 """Per-request sampling settings (the vLLM SamplingParams contract, trimmed to what we serve)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# Below this temperature sampling is greedy (vLLM's convention): dividing logits by a tiny
+# temperature overflows float32 to inf, and the softmax of that is NaN.
+GREEDY_TEMPERATURE = 1e-5
+# torch.Generator.manual_seed takes a signed 64-bit integer (vLLM's range for `seed` too).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -31,16 +37,25 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field; the API turns it into a 400."""
+        """Raise ValueError naming the offending field first; the API turns it into a 400."""
+        for message in self._problems():
+            raise ValueError(message)
+
+    def _problems(self) -> list[str]:
+        # Every message starts with the field's name: the API takes the first word as `param`.
         checks = [
+            (_finite(self.temperature), "temperature must be a finite number"),
+            (_finite(self.top_p), "top_p must be a finite number"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.temperature >= 0.0, "temperature must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k == -1 or self.top_k >= 0, "top_k must be -1 (off) or >= 0"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must be a 64-bit signed integer, in [{SEED_MIN}, {SEED_MAX}]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
             (
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
@@ -49,6 +64,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (self.detokenize or not self.stop, "stop strings need detokenize=True"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        return [message for ok, message in checks if not ok]
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

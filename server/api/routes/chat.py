@@ -5,23 +5,23 @@ from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request
 
-from server.api.chat_template import render_chat
+from server.api.body import CheckedRoute
 from server.api.context import Context, ServerContext
 from server.api.disconnect import run_unless_disconnected
-from server.api.engine_client import Prompt, RequestStream, make_sampling_params, new_request_id, raise_if_failed
+from server.api.engine_client import RequestStream, make_sampling_params, new_request_id, raise_if_failed
 from server.api.logprobs import chat_logprobs
 from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                  ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, Usage)
 from server.api.streaming import SSE_DONE, EventStreamResponse, sse, sse_error
 from server.engine.outputs import RequestOutput
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedRoute)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context):
     ctx.check_model(body.model)
-    prompt = Prompt(render_chat(ctx.client.tokenizer, body.messages))
+    prompt = await ctx.client.render_chat(body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
         max_tokens = max(ctx.client.max_model_len - len(prompt.token_ids), 1)

@@ -11,6 +11,7 @@ from functools import partial
 
 from fastapi import APIRouter, Request
 
+from server.api.body import CheckedRoute
 from server.api.context import Context, ServerContext
 from server.api.disconnect import run_unless_disconnected
 from server.api.engine_client import (Prompt, RequestStream, close_all, final_outputs, make_sampling_params,
@@ -21,19 +22,19 @@ from server.api.protocol import CompletionChoice, CompletionLogprobs, Completion
 from server.api.streaming import SSE_DONE, EventStreamResponse, merge, sse, sse_error
 from server.engine.outputs import RequestOutput
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedRoute)
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context):
     ctx.check_model(body.model)
-    prompts = _prompts(ctx, body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens < 0:
         raise bad_request("max_tokens: must be >= 0", "max_tokens")
     params = make_sampling_params(
         max_tokens=max(max_tokens, 1), logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None,
         **body.sampling_fields())
+    prompts = await _prompts(ctx, body.prompt)  # after the cheap checks: tokenizing is the costly one
     request_id = new_request_id("cmpl")
     streams = ctx.client.submit(prompts, params, request_id)
     shape = _Shape(echo=body.echo, logprobs=body.logprobs is not None, hide_generated=max_tokens == 0)
@@ -54,15 +55,16 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     return CompletionResponse(id=request_id, model=ctx.model_name, choices=choices, usage=usage)
 
 
-def _prompts(ctx: ServerContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+async def _prompts(ctx: ServerContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
     if isinstance(prompt, str):
-        return [ctx.client.encode(prompt)]
+        return await ctx.client.encode([prompt])
     if not prompt:
         raise bad_request("prompt: must not be empty", "prompt")
     if isinstance(prompt[0], int):
         return [ctx.client.from_token_ids(prompt)]
     if isinstance(prompt[0], str):
-        return [ctx.client.encode(text) for text in prompt]
+        return await ctx.client.encode(prompt)
+    ctx.client.check_count(len(prompt))
     return [ctx.client.from_token_ids(ids) for ids in prompt]
 
 

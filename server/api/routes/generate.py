@@ -6,6 +6,7 @@ from functools import partial
 
 from fastapi import APIRouter, Request
 
+from server.api.body import CheckedRoute
 from server.api.context import Context
 from server.api.disconnect import run_unless_disconnected
 from server.api.engine_client import (RequestStream, close_all, final_outputs, make_sampling_params, new_request_id,
@@ -15,7 +16,7 @@ from server.api.protocol import GenerateChunk, GenerateRequest, GenerateResult, 
 from server.api.streaming import SSE_DONE, EventStreamResponse, merge, sse, sse_error
 from server.engine.outputs import RequestOutput
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedRoute)
 
 
 @router.post("/generate", response_model=None)
@@ -26,7 +27,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: Context):
     params = make_sampling_params(
         max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         stop=body.stop or [], seed=body.seed, ignore_eos=body.ignore_eos)
-    prompts = [ctx.client.encode(text) for text in texts]
+    prompts = await ctx.client.encode(texts)
     streams = ctx.client.submit(prompts, params, new_request_id("gen"))
 
     if body.stream:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from server.api.body import CheckedRoute
 from server.api.context import Context
 from server.api.protocol import ModelCard, ModelList
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedRoute)
 
 
 @router.get("/v1/models")
