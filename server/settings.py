@@ -96,16 +96,22 @@ class Settings(BaseSettings):
 
     config: str | None = Field(None, description="YAML or TOML file with settings (flags and env win over it)")
     # What to serve.
-    model: str = Field("builtin", description="hub id, local path, or 'builtin' (the tiny model in the package)")
+    model: str = Field("builtin", description="hub id, local path, or 'builtin' (the tiny model in the package); "
+                       "with load_format dummy also a shipped config: deepseek-v2-lite, deepseek-v2")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="auto: the checkpoint's weights; dummy: seeded random weights of the model's shape "
+                            "(for speed and capacity tests: speed does not depend on the values)")
     served_model_name: str | None = Field(None, description="name clients use in 'model' (default: the model's name)")
     trust_remote_code: bool = Field(False, description="allow custom model code from the model repo")
     seed: Annotated[int, AfterValidator(_in_seed_range)] = Field(
-        0, description="engine seed for sampling without a per-request seed")
+        0, description="seeds the data-free orthogonal splices and dummy weights (requests seed their own sampling)")
     # How to run it.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (CUDA only)")
-    fused_moe: bool = Field(True, description="Triton MoE experts for decode-sized batches (CUDA only)")
+    fused_moe: bool = Field(True, description="the Triton routed-experts kernel on CUDA (off: the plain-torch reference)")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="auto: Triton's MLA decode kernel on CUDA, the torch reference elsewhere")
     pipeline_parallel_size: AtLeastOne = Field(1, description="GPUs the layers are split over (one model replica)")
     tensor_parallel_size: AtLeastOne = Field(
         1, description="accepted for deployments; not implemented yet (logs a warning)")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from kvsplice.model_source import check_available, load_config, position_limit
+from kvsplice.model_source import check_available, load_config, position_limit, shipped_config_name
 from server.api.app import build_app
 from server.api.context import ServerContext
 from server.api.limits import HeaderTimeoutH11Protocol
@@ -40,7 +40,8 @@ class StartupError(ValueError):
 
 
 def serve(settings: Settings) -> int:
-    check_available(settings.model)  # before torch is imported: a missing model fails in a second
+    if not (settings.load_format == "dummy" and shipped_config_name(settings.model)):
+        check_available(settings.model)  # before torch is imported: a missing model fails in a second
     from server.engine.async_engine import AsyncLLMEngine  # heavy (torch): only when serving
 
     if settings.tensor_parallel_size != 1:

@@ -10,6 +10,7 @@ import logging
 
 from transformers import AutoTokenizer
 
+from kvsplice.model_source import position_limit
 from server.engine.config import EngineConfig
 from server.engine.engine_core import EngineCore, EngineStats
 from server.engine.model_runner import locate_model
@@ -30,9 +31,19 @@ class LLMEngine:
         source = locate_model(config)
         self.hf_config = source.config
         self.tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=config.trust_remote_code)
-        self.max_model_len = config.max_model_len or min(self.hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        self.max_model_len = self._max_model_len(config)
         self.core = EngineCore(config, self.max_model_len, source, self._eos_ids())
         self.outputs = OutputProcessor(self.tokenizer)
+
+    def _max_model_len(self, config: EngineConfig) -> int:
+        """The configured length (refused beyond the model's positions), else the model's, capped."""
+        limit, where = position_limit(self.hf_config)
+        if config.max_model_len is None:
+            return min(self.hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        if config.max_model_len > limit:
+            raise ValueError(f"max_model_len: {config.max_model_len} is more than the model's {limit} positions "
+                             f"({where}); set it to at most {limit}")
+        return config.max_model_len
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)
