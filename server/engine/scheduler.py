@@ -5,6 +5,11 @@ admission order; when one needs a block and none is free, the most recently admi
 preempted (blocks freed, recomputed later from its tokens, so greedy output does not change).
 Then waiting sequences are admitted first-come-first-served while the token budget, the running
 limit and free blocks allow. Prefill and decode tokens of all of them form one flattened batch.
+
+`peak_running` is the most sequences running at once after admission in one step, since the
+current busy period began: a busy period begins when a request arrives at a scheduler with nothing
+waiting or running. It is reset there and not when the scheduler goes idle, so a reading taken
+after a burst of requests has drained still tells how many of them ran together.
 """
 from __future__ import annotations
 
@@ -29,8 +34,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.peak_running = 0
 
     def add(self, seq: Sequence) -> None:
+        if not self.has_work():
+            self.peak_running = 0  # a new busy period
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -60,6 +68,7 @@ class Scheduler:
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
             budget -= n
+        self.peak_running = max(self.peak_running, len(self.running))
         return batch
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
