@@ -212,6 +212,21 @@ def test_cli_calibrate_finetune_then_eval_end_to_end(tmp_path, monkeypatch, caps
     assert "| truncate | 0.5 |" in (out / "perplexity.md").read_text()
 
 
+def test_cli_eval_without_out_prints_the_table_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The seed's documented command (`--compression-ratio 0.5 --dataset wikitext --samples 1000
+    --batch-size 4`) with fewer, shorter windows and one splice, so that it stays quick; offline,
+    wikitext falls over to the shipped text."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["eval", "--model", MODEL, "--compression-ratio", "0.5", "--dataset", "wikitext",
+                     "--samples", "4", "--batch-size", "4", "--init", "truncate",
+                     "--window", "64", "--stride", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "wikitext-2 is not available" in captured.err
+    assert "| truncate | 0.5 |" in captured.out and "| perplexity | ratio 1.0 | ratio 0.5 |" in captured.out
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["eval", "--window", "128", "--stride", "256"], "--stride"),
     (["eval", "--compression-ratio", "1.5"], "--compression-ratio"),
