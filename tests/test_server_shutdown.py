@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import httpx
 
-from conftest import metric, start_server, wait_until
+from conftest import STOP_TIMEOUT_S, metric, start_server, wait_until
 
 
 def _refused(base_url: str) -> bool:
@@ -32,7 +31,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         wait_until(lambda: metric(base, "kvsplice:num_requests_running") == 1, message="request running")
         process.send_signal(signal.SIGTERM)
 
-        wait_until(lambda: _refused(base), timeout=10, message="new requests refused")
+        wait_until(lambda: _refused(base), message="new requests refused")
         client.join(120)
         response = result["response"]
         assert response.status_code == 200, response.text
@@ -55,11 +54,10 @@ def test_drain_timeout_bounds_the_wait():
         client = threading.Thread(target=endless_request)
         client.start()
         wait_until(lambda: metric(base, "kvsplice:num_requests_running") == 1, message="request running")
-        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
-        assert time.monotonic() - started < 15
-        client.join(30)
+        assert process.wait(STOP_TIMEOUT_S) == 0
+        client.join(STOP_TIMEOUT_S)
+        # Cut off by the drain timeout, not run on to its 1000 tokens (which would be a 200).
         response = result["response"]
         assert response.status_code == 503 and "shut down" in response.json()["error"]["message"]
         assert "Traceback" not in server.log()
