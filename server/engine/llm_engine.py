@@ -25,7 +25,6 @@ MAX_DEFAULT_MODEL_LEN = 8192
 @dataclass
 class EngineStats:
     num_running: int
-    num_running_peak: int  # most running at once in one step since the current busy period began
     num_waiting: int
     kv_cache_usage: float  # fraction of blocks in use
     num_blocks_total: int
@@ -38,6 +37,9 @@ class EngineStats:
     num_preemptions_total: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    # Most running at once in one step since the current busy period began (Scheduler.peak_running).
+    # Last and defaulted (0: nothing has run yet) so that EngineStats built elsewhere stay valid.
+    num_running_peak: int = 0
 
 
 class LLMEngine:
