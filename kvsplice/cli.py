@@ -184,7 +184,8 @@ def add_eval(subparsers) -> None:
         "eval", help="perplexity of the original and the spliced model on the same sliding windows",
         description="Perplexity (exp of the mean token NLL, strided sliding windows, each window scoring only "
                     "its new tokens) of the unpatched model and of spliced versions at one or more ratios; "
-                    "writes perplexity.json, perplexity.md and perplexity.png to --out.")
+                    "prints the table, and with --out also writes perplexity.json, perplexity.md and "
+                    "perplexity.png there.")
     _add_model_args(p, batch_size=4)
     p.add_argument("--compression-ratio", dest="ratios", type=ratio_list, action="append", default=None,
                    help="ratio(s): repeat the flag or give a comma list (default 0.5); 1.0 = no splice")
@@ -203,7 +204,8 @@ def add_eval(subparsers) -> None:
     p.add_argument("--calib-file", default=str(DEFAULT_CALIB_FILE), help="calibration text for --init pca")
     p.add_argument("--calib-tokens", type=positive_int, default=65536,
                    help="calibration tokens for pca, spread over the file (default 65536: all of calib.txt)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None,
+                   help="directory for perplexity.json, .md and .png (default: print the table only)")
     p.set_defaults(func=_with_parser(p, run_eval_cli))
 
 

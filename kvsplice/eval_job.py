@@ -1,9 +1,10 @@
 """The offline perplexity job behind `kvsplice eval`: the original model against spliced versions.
 
 One run evaluates the unpatched model once and then every (initialisation, ratio) pair and every
-splice file on the same strided windows of the same text, and writes perplexity.json,
-perplexity.md and perplexity.png to the output directory. Ratio 1.0 means no splice (plain MLA)
-and is evaluated like the others, as a check that it reproduces the original exactly.
+splice file on the same strided windows of the same text, prints the perplexity table, and
+writes perplexity.json, perplexity.md and perplexity.png to the output directory when one is
+given. Ratio 1.0 means no splice (plain MLA) and is evaluated like the others, as a check that it
+reproduces the original exactly.
 """
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ def evaluate_all(model, ids, windows, variants, calib, batch_size) -> tuple[Perp
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """`kvsplice eval`: evaluate, print the table, write JSON, Markdown and PNG."""
+    """`kvsplice eval`: evaluate and print the table; with --out, also write JSON, Markdown and PNG."""
     from kvsplice.model_source import load_pretrained
 
     start = time.perf_counter()
@@ -224,8 +225,10 @@ def run_eval(args: argparse.Namespace) -> int:
         "versions": _versions(),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_report(report, Path(args.out))
-    print(f"original ppl {original.perplexity:.4f}; wrote {args.out}/perplexity.{{json,md,png}}")
+    print("\n" + markdown(report), flush=True)
+    if args.out:
+        write_report(report, Path(args.out))
+        print(f"wrote {args.out}/perplexity.{{json,md,png}}")
     return 0
 
 

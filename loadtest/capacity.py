@@ -5,17 +5,26 @@ A closed-loop run at concurrency N (N requests in flight, `waves` x N requests i
 *sustained* when:
   1. every request completed (none failed, none cut off by the trial's time limit);
   2. the server preempted nothing (kvsplice:num_preemptions_total did not rise);
-  3. nothing queued: the server ran all N requests at once (the peak of
-     kvsplice:num_requests_running, sampled every 0.1 s by default, reached N). A request that
-     cannot get KV blocks (or a sequence slot) waits instead, and running stays below N;
+  3. nothing queued: the server ran all N requests at once. This is read from the server's own
+     high-water mark, kvsplice:num_requests_running_peak, in the snapshot taken once the trial has
+     drained (the most requests running in one engine step since the trial's requests arrived at
+     an idle server): no sample can miss it, however short the requests and however busy the
+     machine. A request that cannot get KV blocks (or a sequence slot) waits instead, and the peak
+     stays below N. The requests must still overlap at the server: one that lasts only a couple
+     of engine steps can end before the client has delivered the last of N, and the search then
+     understates the capacity (it never overstates it). On a 2-core CPU machine with a tiny model,
+     2-token requests missed N = 20 at once in most bursts; 8- and 16-token ones never did, with
+     or without a CPU-burning process beside them. A server without the series (vLLM) is judged
+     on the peak of num_requests_running sampled every 0.1 s by default, with a note in the run's
+     summary: those samples can miss a peak that lasts less than the interval;
   4. the run's TTFT, TPOT and ITL quantiles (p90 by default) are within the SLOs that were given.
 Why not "kvsplice:num_requests_waiting stayed 0": that gauge also counts requests that arrived
 while a step was running and join the batch at the next step, a one-step queue that every
 continuous-batching server has; it is reported, not judged. To measure what the KV cache holds,
-start the server with max_num_seqs above it (and outputs long enough that a wave's decode phase
-spans several samples). With requests of identical length started together, all N reach their
-largest KV footprint at the same time in every wave, so one wave already decides 2 and 3.
-A trial that preempts is stopped at the first sample that shows it, so those trials are short.
+start the server with max_num_seqs above it. With requests of identical length started together,
+all N reach their largest KV footprint at the same time in every wave, so one wave already
+decides 2 and 3.
+A trial that preempts is stopped at the first /metrics sample that shows it, so those trials are short.
 """
 from __future__ import annotations
 

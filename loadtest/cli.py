@@ -276,7 +276,9 @@ def _search(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trial-duration-s", type=_positive_float, default=120.0, help="time limit per trial (default 120)")
     g.add_argument("--max-trials", type=_positive_int, default=30, help="trials at most (default 30)")
     g.add_argument("--capacity-poll-s", type=_positive_float, default=0.1,
-                   help="/metrics period during trials: how quickly queueing is seen (default 0.1)")
+                   help="/metrics period during trials: how soon a preempting trial is stopped, and the "
+                        "sampling of running requests on a server without num_requests_running_peak "
+                        "(default 0.1)")
     g.add_argument("--keep-trial-requests", action="store_true",
                    help="keep every trial request in results.json / requests.csv (default: trial summaries only)")
 

@@ -17,7 +17,9 @@ DEFINITIONS = """\
   load phase (first request sent to last one ended).
 - **Goodput**: completed requests per second whose TTFT, TPOT and E2E are within the SLOs given.
 - **Server columns** come from `/metrics`: counters as the change over the run (taken with the server
-  idle before and after), gauges as the peak of the samples taken during the run.
+  idle before and after); peak running as the server's own high-water mark
+  (`num_requests_running_peak`, read after the run; the peak of the samples where a server lacks
+  it, with a note); other gauges as the peak of the samples taken during the run.
 """
 
 

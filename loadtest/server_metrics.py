@@ -1,7 +1,8 @@
 """The server's side of a run: /metrics scraped now and then, parsed with prometheus_client.
 
 Gauges (running, waiting, KV usage) are sampled over time; counters (tokens, preemptions) are
-compared between a snapshot before and after a run. Names are the server's contract
+compared between a snapshot before and after a run. The most requests that ran at once is read
+from the server's own high-water mark (num_requests_running_peak) after the run, when it has one. Names are the server's contract
 (`kvsplice:` prefix by default; `--metrics-prefix vllm:` for a vLLM server).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 # Snapshot field -> metric name after the prefix (sample names, so counters end in _total).
 SERIES = {
     "running": "num_requests_running",
+    "running_peak": "num_requests_running_peak",
     "waiting": "num_requests_waiting",
     "kv_usage": "kv_cache_usage_perc",
     "kv_bytes_in_use": "kv_cache_bytes_in_use",
@@ -37,6 +39,7 @@ class MetricsSnapshot:
 
     t_s: float  # on the session clock
     running: float | None = None
+    running_peak: float | None = None  # most running at once since the server's busy period began
     waiting: float | None = None
     kv_usage: float | None = None
     kv_bytes_in_use: float | None = None

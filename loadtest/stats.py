@@ -79,7 +79,7 @@ def summarize(run: RunResult, slos: SLOs) -> dict:
         "e2e_ms": describe([r.e2e_s for r in done if r.e2e_s is not None]),
         "slo_quantile_ms": _slo_quantiles(run, slos.quantile),
         "server_metrics": _server_side(run),
-        "notes": list(run.notes),
+        "notes": [*run.notes, *_peak_running_notes(run)],
     }
 
 
@@ -102,7 +102,8 @@ def _slo_quantiles(run: RunResult, q: float) -> dict[str, float | None]:
 
 
 def _server_side(run: RunResult) -> dict:
-    """What /metrics said: counter deltas over the run, gauge peaks from the samples, cache facts."""
+    """What /metrics said: counter deltas over the run, the server's peak of running requests (or
+    the samples' where it has none), other gauges' peaks from the samples, cache facts."""
     samples = run.samples
     info = run.before or run.after or (samples[0] if samples else None)
 
@@ -117,12 +118,39 @@ def _server_side(run: RunResult) -> dict:
         else _sampled_delta(run, "preemptions"),
         "prompt_tokens": counter_delta(run.before, run.after, "prompt_tokens"),
         "generation_tokens": counter_delta(run.before, run.after, "generation_tokens"),
-        "peak_running": peak("running"), "peak_waiting": peak("waiting"),
+        "peak_running": peak_running(run), "peak_waiting": peak("waiting"),
         "peak_kv_usage": max(kv) if kv else None, "mean_kv_usage": sum(kv) / len(kv) if kv else None,
         "kv_bytes_per_token": info.kv_bytes_per_token if info else None,
         "kv_capacity_tokens": info.kv_capacity_tokens if info else None,
         "compression_ratio": info.compression_ratio if info else None,
     }
+
+
+def peak_running(run: RunResult) -> float | None:
+    """The most requests the server ran at once during the run.
+
+    The server's own high-water mark, read after the run. The runner starts a run only on an idle
+    server, so the busy period that mark covers began with one of this run's requests (the last
+    such period, if the server went idle in between): it can understate the run's peak, never
+    overstate it. Where the server has no such series, the highest sample of num_requests_running,
+    which misses a peak shorter than the sampling interval.
+    """
+    after = run.after
+    if after is None or after.running_peak is None:
+        values = [s.running for s in run.samples if s.running is not None]
+        return max(values) if values else None
+    if counter_delta(run.before, after, "prompt_tokens") == 0:
+        return 0.0  # none of this run's requests reached the engine: the mark is from an earlier run
+    return after.running_peak
+
+
+def _peak_running_notes(run: RunResult) -> list[str]:
+    if not run.samples or (run.after is not None and run.after.running_peak is not None):
+        return []
+    why = "the server exports no num_requests_running_peak" if run.after is not None else \
+        "no /metrics snapshot after the run"
+    return [f"{why}: peak_running is the highest of {len(run.samples)} samples of num_requests_running, "
+            "which can miss a peak shorter than the sampling interval"]
 
 
 def _sampled_delta(run: RunResult, attr: str) -> float | None:

@@ -123,3 +123,48 @@ def test_block_manager_refuses_what_it_cannot_hold():
     assert table == [] and blocks.num_free_blocks == 2
     with pytest.raises(ValueError, match="holds no block"):
         BlockManager(0, BLOCK)
+
+
+# -- peak_running: what the capacity search reads after a trial --------------------------------
+
+def finish_all(sch: Scheduler) -> None:
+    for s in [*sch.running, *sch.waiting]:
+        sch.finish(s)
+
+
+def test_peak_counts_sequences_admitted_in_one_step_and_over_several():
+    sch = make()
+    for i in range(5):
+        sch.add(seq(str(i), 4))
+    assert sch.peak_running == 0  # nothing has run yet
+    run(sch, sch.schedule())
+    assert sch.peak_running == 5
+    for i in range(5, 8):
+        sch.add(seq(str(i), 2))  # arrive while the others run: the same busy period
+    run(sch, sch.schedule())
+    assert sch.peak_running == 8
+
+
+def test_peak_survives_finishing_and_idling_and_resets_on_the_next_arrival():
+    sch = make()
+    for i in range(3):
+        sch.add(seq(str(i), 4))
+    run(sch, sch.schedule())
+    sch.finish(sch.running[0])
+    run(sch, sch.schedule())
+    assert sch.peak_running == 3  # a high-water mark: two running now, three at the peak
+    finish_all(sch)
+    sch.schedule()  # an idle engine keeps stepping
+    assert sch.peak_running == 3  # still readable after the burst has drained
+    sch.add(seq("next", 4))
+    assert sch.peak_running == 0  # reset on arrival at an idle scheduler
+    run(sch, sch.schedule())
+    assert sch.peak_running == 1
+
+
+def test_peak_does_not_count_sequences_that_wait_for_blocks():
+    sch = make(num_blocks=2)
+    sch.add(seq("a", 8))  # two blocks: the whole cache
+    sch.add(seq("b", 4))
+    run(sch, sch.schedule())
+    assert sch.peak_running == 1 and [s.request_id for s in sch.waiting] == ["b"]

@@ -14,7 +14,7 @@ from conftest import metric, scrape, wait_until
 MODEL = "kvsplice-tiny"
 TIMEOUT = 60.0
 EXPECTED_METRICS = [
-    "kvsplice:num_requests_running", "kvsplice:num_requests_waiting", "kvsplice:kv_cache_usage_perc",
+    "kvsplice:num_requests_running", "kvsplice:num_requests_running_peak", "kvsplice:num_requests_waiting", "kvsplice:kv_cache_usage_perc",
     "kvsplice:kv_cache_bytes_per_token", "kvsplice:kv_cache_capacity_tokens", "kvsplice:kv_cache_bytes_in_use",
     "kvsplice:kv_cache_compression_ratio", "kvsplice:prompt_tokens_total", "kvsplice:generation_tokens_total",
     "kvsplice:request_success_total", "kvsplice:num_preemptions_total",
@@ -232,6 +232,20 @@ def test_32_concurrent_greedy_requests_match_sequential(server):
     assert delta("kvsplice:e2e_request_latency_seconds_count") == 32
     assert sum(v for _, v in after["kvsplice:num_requests_running"]) == 0
     assert sum(v for _, v in after["kvsplice:kv_cache_bytes_in_use"]) == 0
+
+
+def test_running_peak_outlasts_a_burst_and_restarts_with_the_next_request(server):
+    url = server.base_url
+    wait_until(lambda: metric(url, "kvsplice:num_requests_running") + metric(url, "kvsplice:num_requests_waiting") == 0,
+               message="idle server")
+    body = {"prompt": "The burst", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(4) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda _: post(server, "/generate", body), range(4)))
+    # Drained, and the mark still says how many ran together (48 decode steps: they overlap).
+    assert (metric(url, "kvsplice:num_requests_running"), metric(url, "kvsplice:num_requests_running_peak")) == (0, 4)
+    # A request at the idle server begins a new busy period, alone.
+    assert post(server, "/generate", {**body, "max_tokens": 2}).status_code == 200
+    assert metric(url, "kvsplice:num_requests_running_peak") == 1
 
 
 def test_metrics_exposition(server):

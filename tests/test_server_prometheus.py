@@ -57,7 +57,7 @@ def test_prometheus_scrapes_kvsplice_metrics(server, tmp_path):
         def query(promql: str) -> list:
             return httpx.get(api + "/query", params={"query": promql}, timeout=5.0).json()["data"]["result"]
 
-        wait_until(lambda: query("kvsplice:kv_cache_capacity_tokens"), timeout=30, interval=0.5,
+        wait_until(lambda: query("kvsplice:kv_cache_capacity_tokens"), interval=0.5,
                    message="kvsplice:kv_cache_capacity_tokens in Prometheus")
         [capacity] = query("kvsplice:kv_cache_capacity_tokens")
         assert capacity["metric"]["model_name"] == "kvsplice-tiny" and capacity["metric"]["job"] == "kvsplice"

@@ -7,7 +7,7 @@ import threading
 
 import httpx
 
-from conftest import metric, start_server, wait_until
+from conftest import STOP_TIMEOUT_S, metric, start_server, wait_until
 
 
 def _refused(base_url: str) -> bool:
@@ -32,7 +32,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         wait_until(lambda: metric(base, "kvsplice:num_requests_running") == 1, message="request running")
         process.send_signal(signal.SIGTERM)
 
-        wait_until(lambda: _refused(base), timeout=10, message="new requests refused")
+        wait_until(lambda: _refused(base), message="new requests refused")
         client.join(120)
         response = result["response"]
         assert response.status_code == 200, response.text
@@ -59,9 +59,9 @@ def test_drain_timeout_cuts_what_still_runs_with_an_error_and_exits_3():
             client.start()
         wait_until(lambda: metric(base, "kvsplice:num_requests_running") == 2, message="both requests running")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 3
+        assert process.wait(STOP_TIMEOUT_S) == 3
         for client in clients:
-            client.join(60)
+            client.join(STOP_TIMEOUT_S)
         plain, stream = results["plain"], results["stream"]
         assert plain.status_code == 503 and "drain_timeout_s" in plain.json()["error"]["message"]
         events = [e for e in stream.text.split("\n\n") if e.strip()]

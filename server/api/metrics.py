@@ -24,6 +24,10 @@ MODEL_LABEL = "model_name"
 # (metric name, help, EngineStats attribute)
 ENGINE_GAUGES = [
     ("kvsplice:num_requests_running", "Requests in the running batch", "num_running"),
+    ("kvsplice:num_requests_running_peak",
+     "Most requests running at once in one engine step (after admission) since the current busy period "
+     "began; a busy period begins when a request arrives at an engine with none running or waiting, and "
+     "the value is kept after the engine goes idle", "num_running_peak"),
     ("kvsplice:num_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
     ("kvsplice:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)", "kv_cache_usage"),
     ("kvsplice:kv_cache_bytes_per_token", "KV cache bytes per token, all layers", "kv_bytes_per_token"),

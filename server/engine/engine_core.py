@@ -50,6 +50,7 @@ class CoreOutput:
 @dataclass
 class EngineStats:
     num_running: int
+    num_running_peak: int  # most running at once in one step since the current busy period began
     num_waiting: int
     kv_cache_usage: float  # fraction of blocks in use
     num_blocks_total: int
@@ -204,6 +205,7 @@ class EngineCore:
         lay = self.layout
         return EngineStats(
             num_running=len(self.scheduler.running),
+            num_running_peak=self.scheduler.peak_running,
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=used / self.blocks.num_blocks,
             num_blocks_total=self.blocks.num_blocks,

@@ -6,6 +6,12 @@ preempted (blocks freed, recomputed later from its tokens, so greedy output does
 Then waiting sequences are admitted first-come-first-served while the token budget, the running
 limit and free blocks allow. Prefill and decode tokens of all of them form one flattened batch,
 described to the model runner by a `StepPlan`.
+
+`peak_running` is the most sequences running at once after admission in one step, since the
+current busy period began: a busy period begins when a request arrives at a scheduler with nothing
+waiting or running. It is reset there and not when the scheduler goes idle, so a reading taken
+after a burst of requests has drained still tells how many of them ran together (the load
+tester's capacity search reads it).
 """
 from __future__ import annotations
 
@@ -24,10 +30,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.peak_running = 0
         self._preempted: list[str] = []  # since the last plan
         self._finished: list[str] = []
 
     def add(self, seq: Sequence) -> None:
+        if not self.has_work():
+            self.peak_running = 0  # a new busy period
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -55,6 +64,7 @@ class Scheduler:
             self.running.append(seq)
             work.append(self._work(seq, n))
             budget -= n
+        self.peak_running = max(self.peak_running, len(self.running))
         plan = StepPlan(work, preempted=self._preempted, finished=self._finished)
         self._preempted, self._finished = [], []
         if plan.preempted:  # a sequence preempted and readmitted within this plan is resumed: no release
