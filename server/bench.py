@@ -184,9 +184,9 @@ def bench(args) -> list[Row]:
             for b in w.batch_sizes:
                 rows.append(bench_engine_row(engine, w, b, ratio, config, bandwidth, args.trials, vocab))
                 print_row(rows[-1])
-        if args.profile_batch:
-            profile_decode(engine, vocab, args.profile_batch, args.workload[0].prompt_len, device,
-                           args.out and Path(args.out).with_name(f"profile_engine_{ratio}.txt"))
+        for batch in args.profile_batch or []:
+            profile_decode(engine, vocab, batch, args.workload[0].prompt_len, device,
+                           args.out and Path(args.out).with_name(f"profile_engine_{ratio}_batch{batch}.txt"))
         del engine
         free_memory(device)
     return rows
@@ -270,7 +270,10 @@ def profile_decode(engine: LLMEngine, vocab: int, batch: int, prompt_len: int, d
     while engine.has_unfinished():
         engine.step()
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    text = f"decode profile: batch {batch}, {steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=30)
+    table = prof.key_averages()
+    text = (f"decode profile: batch {batch}, {steps} steps\n" + table.table(sort_by=sort, row_limit=30)
+            + "\nby host time (where a step's CPU goes while the GPU may wait)\n"
+            + table.table(sort_by="self_cpu_time_total", row_limit=20))
     print(text)
     if out_path:
         out_path.write_text(text)
@@ -369,8 +372,8 @@ def register(subparsers) -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-max-batch", type=positive_int, default=1 << 30,
                    help="skip transformers rows above this batch (its generate is slow at large batch)")
-    p.add_argument("--profile-batch", type=positive_int, default=None,
-                   help="after the rows, profile decode steps at this batch for each ratio")
+    p.add_argument("--profile-batch", type=lambda text: [positive_int(b) for b in text.split(",")], default=None,
+                   help="after the rows, profile decode steps at these batch sizes (e.g. 1,256) for each ratio")
     p.add_argument("--trials", type=positive_int, default=1, help="timed runs per row (after a warm-up); medians")
     p.add_argument("--out", default=None, help="write JSON here")
     p.set_defaults(func=run, workload=None)

@@ -214,3 +214,14 @@ def test_cache_bytes_per_token_include_the_rope_part(checkpoint_dirs):
         tokens = runner.kv_caches[0].shape[0] * runner.kv_caches[0].shape[1]  # the scratch block included
         assert allocated == per_token * tokens
         assert engine.stats().compression_ratio == code / cfg.kv_lora_rank
+
+
+def test_block_table_rows_come_back_when_the_engine_goes_idle(checkpoint_dirs):
+    """Requests that end while nothing else runs must still give the runner their rows: more
+    requests than max_num_seqs, one after another, each alone in the engine."""
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=2 << 20, max_num_seqs=2))
+    for i in range(5):
+        outs = run_engine(engine, [PROMPTS[0]], greedy(2))
+        assert outs["0"].finish_reason == "length"
+        engine.step()  # idle, as the server's engine loop steps: the plan carries only releases
+    assert len(engine.core.runner._free_rows) == 2

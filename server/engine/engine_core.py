@@ -110,6 +110,7 @@ class EngineCore:
         with record_function("engine.schedule"):
             plan = self.scheduler.schedule()
         if not plan.work:
+            self.runner.release(plan)  # requests that ended since the last step give their rows back
             return []
         now = time.time()
         for w in plan.work:

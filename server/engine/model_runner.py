@@ -159,7 +159,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        self._release(plan)
+        self.release(plan)
         input_ids, positions, meta = self.prepare(plan.work)
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
@@ -167,7 +167,8 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self._sample(plan.work, hidden)
 
-    def _release(self, plan: StepPlan) -> None:
+    def release(self, plan: StepPlan) -> None:
+        """Forget the block-table rows (and, when finished, the generators) of requests whose cache is gone."""
         for request_id in itertools.chain(plan.preempted, plan.finished):
             entry = self._rows.pop(request_id, None)
             if entry is not None:
