@@ -9,7 +9,9 @@ set -uo pipefail
 NAME=$1; shift; [ "${1:-}" = "--" ] && shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/$NAME"
 export PYTHONUNBUFFERED=1
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+if [ -d .whl ]; then  # the GPU machine has no FastAPI / uvicorn / pydantic: carried wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 KV=${KV:-4GiB}
 common=(--model "${MODEL:-deepseek-v2-lite}" --load-format dummy --kv-cache-bytes "$KV" --max-num-seqs 512
@@ -26,5 +28,5 @@ timeout "${LOADTEST_TIMEOUT:-420}" python3 -m loadtest compare --url-a http://12
     --concurrency cap-a,cap-b --trial-waves 1 --confirm-waves 1 --no-progress \
     --out "$OUT/$NAME/report" "$@" 2>&1 | tail -40
 kill $A $B; wait $A $B
-tail -5 "$OUT/$NAME"/server-*.log
+for f in "$OUT/$NAME"/server-*.log; do tail -n 5 "$f"; done
 tar -czf "$OUT/$NAME.tar.gz" -C "$OUT" "$NAME" && rm -rf "${OUT:?}/$NAME"

@@ -114,8 +114,7 @@ class AsyncLLMEngine:
                 self._apply_commands(block=not self.engine.has_unfinished())
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()  # before delivery: a client that saw its tokens sees them counted
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_step(outputs)
         except BaseException as exc:  # noqa: BLE001 - report to every waiting request, then die
             log.exception("engine loop crashed")
             self._crashed = exc
@@ -156,6 +155,17 @@ class AsyncLLMEngine:
             log.warning("request %s could not be added: %s: %s", request_id, type(exc).__name__, exc)
             self._deliver_error(request_id, exc)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one wake-up of each event loop for all of them: at a batch of 150
+        streams, a `call_soon_threadsafe` per output cost the loop (and the GIL) a wake-up each."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                batches.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, out: RequestOutput) -> None:
         entry = self._streams.get(out.request_id)
         if entry is not None:
@@ -167,3 +177,8 @@ class AsyncLLMEngine:
         if entry is not None:
             loop, stream = entry
             loop.call_soon_threadsafe(stream.put_nowait, error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)
