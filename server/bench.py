@@ -106,9 +106,9 @@ def run_transformers(model, prompts: list[list[int]], new_tokens: int, device: t
     return time.perf_counter() - t0, ttft
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, float]:
+def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, float, float]:
     """(seconds until every request finished, mean time to first token, median seconds of the steps
-    in which every request was decoding)."""
+    in which every request was decoding, prompt tokens per second until the last first token)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     t0 = time.time()
     for i, p in enumerate(prompts):
@@ -127,7 +127,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> 
             decode_steps.append(time.perf_counter() - start)
     seconds = time.time() - t0
     decode_step = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
-    return seconds, sum(first.values()) / len(first) - t0, decode_step
+    prefill_tok_s = sum(map(len, prompts)) / (max(first.values()) - t0)
+    return seconds, sum(first.values()) / len(first) - t0, decode_step, prefill_tok_s
 
 
 def decode_bytes_per_step(config, batch: int, context: int, ratio: float, dtype_bytes: int = 2) -> float:
@@ -233,7 +234,7 @@ def bench_engine_row(engine: LLMEngine, w: Workload, batch: int, ratio: float, c
     for _ in range(trials):
         reset_peak(engine.core.runner.device)
         runs.append(run_engine(engine, prompts, w.new_tokens))
-    seconds, ttft, step_s = (statistics.median(r[i] for r in runs) for i in range(3))
+    seconds, ttft, step_s, prefill_tok_s = (statistics.median(r[i] for r in runs) for i in range(4))
     stats = engine.stats()
     floor_s = (decode_bytes_per_step(config, batch, w.prompt_len + w.new_tokens // 2, ratio) / bandwidth
                if bandwidth else float("nan"))
@@ -241,7 +242,7 @@ def bench_engine_row(engine: LLMEngine, w: Workload, batch: int, ratio: float, c
                peak_gib(engine.core.runner.device), stats.kv_bytes_per_token,
                {"kv_capacity_tokens": stats.kv_capacity_tokens, "preemptions": stats.num_preemptions_total,
                 "decode_step_ms": step_s * 1e3, "decode_floor_ms": floor_s * 1e3,
-                "bandwidth_fraction": floor_s / step_s, "trials": trials,
+                "bandwidth_fraction": floor_s / step_s, "prefill_tok_s": prefill_tok_s, "trials": trials,
                 "tok_s_spread": [batch * w.new_tokens / r[0] for r in runs]})
 
 
@@ -302,6 +303,7 @@ def table(rows: list[Row], ratios: list[float]) -> str:
     head = ["prompt", "new", "batch"] + [f"{s} tok/s" for s in systems] + [f"{s} ttft s" for s in systems[1:]]
     head += ["KV B/token " + s for s in systems[1:]]
     head += [f"{s} decode step ms (% of BW floor)" for s in systems[1:]]
+    head += [f"{s} prefill tok/s" for s in systems[1:]]
     base = f"engine@{ratios[0]}"
     comparisons = [(f"engine@{r}/transformers", f"engine@{r}", "transformers") for r in ratios]
     comparisons += [(f"engine@{r}/{base}", f"engine@{r}", base) for r in ratios[1:]]
@@ -314,6 +316,7 @@ def table(rows: list[Row], ratios: list[float]) -> str:
         cells += [f"{get(s).ttft_s:.3f}" if get(s) else "-" for s in systems[1:]]
         cells += [f"{get(s).kv_bytes_per_token:,}" if get(s) else "-" for s in systems[1:]]
         cells += [step_cell(get(s)) for s in systems[1:]]
+        cells += [f"{get(s).extra['prefill_tok_s']:,.0f}" if get(s) else "-" for s in systems[1:]]
         cells += [f"{get(a).output_tok_s / get(b).output_tok_s:.2f}x" if get(a) and get(b) else "-"
                   for _, a, b in comparisons]
         lines.append("| " + " | ".join(cells) + " |")

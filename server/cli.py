@@ -1,4 +1,4 @@
-"""The `kvsplice` command: `serve` (here), the library's commands, and the lead's `bench`.
+"""The `kvsplice` command: `serve` (here), the library's commands (estimate, calibrate, eval) and `bench`.
 
 Every subcommand sets `func` (args -> exit status) with `set_defaults`, the convention shared
 with `kvsplice.cli.register_commands`.
@@ -6,12 +6,13 @@ with `kvsplice.cli.register_commands`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, get_args
 
+from kvsplice.cli import register_commands as register_library_commands
+from server import bench
 from server.settings import InvalidSettings, Settings, load_settings
 
 
@@ -29,23 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvsplice", description="Serve DeepSeek-V2 with a KVSplice-compressed MLA cache, and the tools around it.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_serve(subparsers)
-    # Commands that live elsewhere register themselves; each is optional, so the CLI (and
-    # `serve`) keeps working while those modules are absent.
-    _register_from("kvsplice.cli", "register_commands", subparsers)  # estimate, calibrate, eval
-    _register_from("server.bench", "register", subparsers)  # bench: the lead's benchmark command
+    register_library_commands(subparsers)
+    bench.register(subparsers)
     return parser
-
-
-def _register_from(module_name: str, function: str, subparsers) -> None:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            return  # the module does not exist (yet); a missing dependency *inside* it is a real error
-        raise
-    register = getattr(module, function, None)
-    if register is not None:
-        register(subparsers)
 
 
 # ---------------------------------------------------------------- serve

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from kvsplice import get_kv_cache_size, get_splices, patch_model_with_kvsplice, pca_splices, collect_latents, save_splices
 from server.engine.config import EngineConfig
 from server.engine.llm import LLM
-from server.engine.llm_engine import LLMEngine
+from server.engine.llm_engine import LLMEngine, PromptRejected
 from server.engine.sampling_params import SamplingParams
 from tests.model_fixtures import load
 
@@ -169,10 +169,13 @@ def test_seed_reproduces_sample(checkpoint_dirs):
 
 def test_request_that_cannot_fit_is_refused(checkpoint_dirs):
     engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=4 << 20, max_model_len=64))
-    with pytest.raises(ValueError, match="exceeds the maximum model length of 64"):
+    with pytest.raises(PromptRejected, match="exceeds the model's context length of 64") as refused:
         engine.add_request("x", PROMPTS[3], greedy(60))
-    with pytest.raises(ValueError, match="prompt is empty"):
+    assert refused.value.param == "max_tokens"
+    with pytest.raises(PromptRejected, match="prompt: must not be empty"):
         engine.add_request("y", "", greedy())
+    with pytest.raises(PromptRejected, match=r"token ids must be integers in \[0, "):
+        engine.add_request("z", [engine.hf_config.vocab_size], greedy())
     assert not engine.has_unfinished()
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from server.api.errors import APIError, bad_request
 from server.api.protocol import ChatMessage
 from server.api.metrics import ServerMetrics
 from server.engine.async_engine import EngineDeadError
+from server.engine.llm_engine import PromptRejected
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
@@ -109,20 +110,14 @@ class EngineClient:
                 f"send at most {capacity} per request", "prompt")
 
     def from_token_ids(self, token_ids: list[int]) -> Prompt:
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise bad_request(f"prompt: token ids must be in [0, {vocab})", "prompt")
+        with engine_rule():
+            self.engine.check_token_ids(token_ids)
         return Prompt(list(token_ids))
 
     def check_fits(self, prompt: Prompt, max_tokens: int) -> None:
-        """Refuse what the engine would refuse, before anything is streamed back."""
-        if not prompt.token_ids:
-            raise bad_request("prompt: must not be empty", "prompt")
-        total = len(prompt.token_ids) + max_tokens
-        if total > self.max_model_len:
-            raise bad_request(
-                f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({max_tokens}) = {total} tokens exceeds "
-                f"the model's context length of {self.max_model_len}", "max_tokens")
+        """Refuse what the engine would refuse (its own rule), before anything is streamed back."""
+        with engine_rule():
+            self.engine.check_fits(len(prompt.token_ids), max_tokens)
 
     # ------------------------------------------------------------ requests
 
@@ -259,6 +254,15 @@ async def final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]
 async def close_all(streams: Sequence[RequestStream]) -> None:
     for stream in streams:
         await stream.aclose()
+
+
+@contextmanager
+def engine_rule() -> Iterator[None]:
+    """The engine's refusal of a request, as the 400 that names the field."""
+    try:
+        yield
+    except PromptRejected as exc:
+        raise bad_request(str(exc), exc.param) from None
 
 
 def longest_token_chars(tokenizer) -> int:

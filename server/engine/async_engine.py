@@ -30,6 +30,9 @@ class AsyncLLMEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name = served_name(config.model)
         self.max_model_len = self.engine.max_model_len
+        # The engine's admission rules read only what is fixed at start-up: safe from any thread.
+        self.check_token_ids = self.engine.check_token_ids
+        self.check_fits = self.engine.check_fits
         self._commands: queue.Queue = queue.Queue()  # (kind, payload) from the event loop to the thread
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.engine.stats()

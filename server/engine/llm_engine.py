@@ -22,7 +22,15 @@ from server.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 MAX_DEFAULT_MODEL_LEN = 8192
 
-__all__ = ["EngineStats", "LLMEngine"]
+__all__ = ["EngineStats", "LLMEngine", "PromptRejected"]
+
+
+class PromptRejected(ValueError):
+    """A request the engine can never serve; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class LLMEngine:
@@ -66,33 +74,38 @@ class LLMEngine:
                 return self.tokenizer.encode(prompt, add_special_tokens=True)
             except Exception as exc:  # e.g. a lone surrogate, which the tokenizer cannot take
                 raise ValueError(f"prompt could not be tokenized: {type(exc).__name__}: {exc}") from None
-        vocab = self.hf_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        self.check_token_ids(prompt)
         return list(prompt)
+
+    def check_token_ids(self, token_ids: list[int]) -> None:
+        """Token ids the model can embed. The API's check too, so both refuse the same ids."""
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise PromptRejected(f"prompt: token ids must be integers in [0, {vocab})", "prompt")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (nothing queued) if it can never be served."""
         if request_id in self.core.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
-        self._check_fits(len(ids), params.max_tokens)
+        self.check_fits(len(ids), params.max_tokens)
         self.outputs.add(request_id, ids, params)
         self.core.add(Sequence(request_id, list(ids), params))
 
-    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """A request the engine can ever serve; the API asks the same before it streams anything."""
         if prompt_len == 0:
-            raise ValueError("prompt is empty")
+            raise PromptRejected("prompt: must not be empty", "prompt")
         if max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+            raise PromptRejected("max_tokens: must be >= 1", "max_tokens")
         total = prompt_len + max_tokens
         if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the maximum "
-                f"model length of {self.max_model_len} tokens"
-            )
+            raise PromptRejected(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} tokens exceeds the "
+                f"model's context length of {self.max_model_len}", "max_tokens")
         if total > self.kv_capacity_tokens:
-            raise ValueError(f"request needs {total} tokens of KV cache; the whole cache holds {self.kv_capacity_tokens}")
+            raise PromptRejected(f"request needs {total} tokens of KV cache; the whole cache holds "
+                                 f"{self.kv_capacity_tokens}", "max_tokens")
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
         core = self.core.finish(request_id, reason, error)
