@@ -140,7 +140,7 @@ def check_topk_softmax_ties_and_inputs() -> None:
 
 
 def check_route_computes_the_logits_too() -> None:
-    """The fused router (fp32 GEMM + top-k in one kernel) against the GEMM then the reference."""
+    """route (fp32 logits, then the top-k kernel) against the same GEMM then the reference."""
     for seed, (tokens, hidden, experts, top_k, dtype) in enumerate(
             ((1, 64, 64, 6, torch.bfloat16), (9, 100, 10, 3, torch.float32), (6, 40, 16, 2, torch.bfloat16))):
         gen = torch.Generator().manual_seed(seed)

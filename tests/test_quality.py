@@ -240,7 +240,7 @@ def test_cli_calibrate_finetune_then_eval_end_to_end(tmp_path, monkeypatch, caps
 
 
 def test_cli_eval_without_out_prints_the_table_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    """The seed's documented command (`--compression-ratio 0.5 --dataset wikitext --samples 1000
+    """The original guide's documented command (`--compression-ratio 0.5 --dataset wikitext --samples 1000
     --batch-size 4`) with fewer, shorter windows and one splice, so that it stays quick; offline,
     wikitext falls over to the shipped text."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
