@@ -1,7 +1,7 @@
 """Before/after table of two `kvsplice bench` JSON files (same workloads): engine tok/s and decode
 step per row and ratio, with after/before factors. Prints Markdown.
 
-    python scripts/compare_bench.py docs/results/bench_h200_v2lite.json docs/results/bench_h200_v2lite_after.json
+    python scripts/compare_bench.py docs/results/bench_h200_v2lite.json docs/results/h200-2026-12-03/bench.json
 """
 from __future__ import annotations
 
