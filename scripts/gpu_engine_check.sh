@@ -3,6 +3,7 @@
 # then `kvsplice bench` on the DeepSeek-V2-Lite shape. Everything lands in $OUT (logs and JSON).
 #   bash scripts/gpu_engine_check.sh [bench workload flags...]
 # SKIP_KERNELS=1 skips the kernel checks and the MoE sweep (their results are committed already).
+# SYNC_BASELINE=1 runs the bench a second time with --no-async-scheduling (bench_sync.json), no profile.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -28,4 +29,17 @@ step "bench"
 timeout "${BENCH_TIMEOUT:-330}" python3 -m server.bench --shape deepseek-v2-lite --skip-transformers --kv-cache-memory-fraction 0.5 \
     --out "$OUT/bench.json" "$@" 2>&1 | grep -v "^Loading" > "$OUT/bench.log"
 tail -60 "$OUT/bench.log"
+
+if [ -n "${SYNC_BASELINE:-}" ]; then
+    step "bench without async scheduling"
+    args=(); skip=0
+    for a in "$@"; do  # the same workloads, without the profile
+        if [ $skip = 1 ]; then skip=0; continue; fi
+        if [ "$a" = --profile-batch ]; then skip=1; continue; fi
+        args+=("$a")
+    done
+    timeout "${BENCH_TIMEOUT:-330}" python3 -m server.bench --shape deepseek-v2-lite --skip-transformers --kv-cache-memory-fraction 0.5 \
+        --no-async-scheduling --out "$OUT/bench_sync.json" "${args[@]}" 2>&1 | grep -v "^Loading" > "$OUT/bench_sync.log"
+    tail -30 "$OUT/bench_sync.log"
+fi
 step done

@@ -202,6 +202,7 @@ def engine_config(args, device: torch.device, ratio: float) -> EngineConfig:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=max_batch,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len, block_size=args.block_size,
         pipeline_parallel_size=args.pipeline_parallel_size, fused_moe=not args.no_fused_moe,
+        async_scheduling=not args.no_async_scheduling,
     )
 
 
@@ -372,6 +373,8 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--pipeline-parallel-size", type=positive_int, default=1, help="GPUs to split the layers over")
     p.add_argument("--no-fused-moe", action="store_true", help="engine uses transformers' experts at every batch")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="engine collects each step before scheduling the next (the before of async scheduling)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-max-batch", type=positive_int, default=1 << 30,
                    help="skip transformers rows above this batch (its generate is slow at large batch)")

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # How to run it.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    async_scheduling: bool = Field(
+        True, description="schedule and launch each step before the previous one's tokens are back (host work "
+                          "overlaps the GPU; a request ending on EOS or a stop token costs one dropped token)")
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (CUDA only)")
     fused_moe: bool = Field(True, description="the Triton routed-experts kernel on CUDA (off: the plain-torch reference)")
     attention_backend: Literal["auto", "torch", "triton"] = Field(

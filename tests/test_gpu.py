@@ -66,3 +66,43 @@ def test_layer_split_over_two_gpus_matches_one(checkpoint_dirs):
     assert {k: o.token_ids for k, o in a.items()} == {k: o.token_ids for k, o in b.items()}
     # The same total budget, spread over two GPUs, holds the same number of tokens.
     assert abs(two.stats().kv_capacity_tokens - one.stats().kv_capacity_tokens) <= 2 * 16
+
+
+def test_async_scheduling_matches_one_step_at_a_time_with_graphs(checkpoint_dirs):
+    from tests.test_async_scheduling import mixed_params, run, summary
+
+    common = dict(model=checkpoint_dirs["lite"], device="cuda", dtype="float32", kv_cache_bytes=64 << 20,
+                  max_num_seqs=8, max_num_batched_tokens=24)
+    params = mixed_params(stop_token=13)
+    overlapped = run(LLMEngine(EngineConfig(**common)), params)
+    sync = run(LLMEngine(EngineConfig(**common, async_scheduling=False)), params)
+    assert summary(overlapped) == summary(sync)
+
+
+def test_launching_a_decode_step_does_not_wait_for_the_gpu(checkpoint_dirs):
+    """The point of async scheduling: issuing a decode step (inputs, graph replay, logits,
+    sampling, copies back) never blocks the host, so it runs while the previous step computes."""
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["qlora"], device="cuda", dtype="bfloat16",
+                                    kv_cache_bytes=64 << 20, max_num_seqs=16))
+    runner, launch, checked = engine.core.runner, engine.core.runner.launch, []
+
+    def strict_launch(plan):
+        decode = all(len(w.token_ids) == 1 for w in plan.work)
+        torch.cuda.set_sync_debug_mode("error" if decode else "default")
+        try:
+            return launch(plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(decode)
+
+    runner.launch = strict_launch
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=5, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True, min_tokens=4)]
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params[i % 3])
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert {o.finish_reason for o in outs.values()} == {"length"}, {o.error for o in outs.values()}
+    assert sum(checked) >= 8

@@ -3,6 +3,13 @@
 It knows tokens, not text: a request finishes here on a stop token, EOS, max_tokens or the model
 length; stop strings (which need the text) are found by the output processor, which then finishes
 the request through `finish`. Single-threaded; `LLMEngine` drives it.
+
+Async scheduling (vLLM v1's, on by default): a step is scheduled and launched before the previous
+one's tokens are back, so the host's work (scheduling, inputs, bookkeeping, outputs) overlaps the
+GPU's. Each sequence sampled by the step in flight carries a placeholder token; the runner fills it
+on the device, and the step after reads the real token. A request that stops on a sampled token
+(EOS, a stop token) has had one more token computed, which is dropped; one that stops on its
+length is not scheduled again.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ from server.engine.model_runner import ModelRunner, ModelSource
 from server.engine.outputs import RequestTimes, TokenLogprob
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.engine.step import StepPlan, StepResult
+from server.engine.model_runner import PendingStep
+from server.engine.step import PLACEHOLDER_TOKEN, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 # A model step that fails this many times in a row is not one bad batch but a broken engine (a
@@ -65,6 +73,15 @@ class EngineStats:
     generation_tokens_total: int
 
 
+@dataclass
+class InFlight:
+    """A launched step whose tokens are not back yet."""
+
+    plan: StepPlan
+    pending: PendingStep
+    sampled: dict[str, tuple[Sequence, int]]  # request -> (its sequence, where its new token goes)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource,
                  eos_token_ids: set[int]) -> None:
@@ -81,6 +98,8 @@ class EngineCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._consecutive_step_failures = 0
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: InFlight | None = None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -91,7 +110,7 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def finish(self, request_id: str, reason: str, error: str | None = None,
                stop_reason: str | int | None = None) -> CoreOutput | None:
@@ -107,11 +126,27 @@ class EngineCore:
     # -- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
+        """Launch the next step, then collect the one before it (or this one, without async
+        scheduling); the outputs are those of the step collected."""
         with record_function("engine.schedule"):
             plan = self.scheduler.schedule()
-        if not plan.work:
+        outputs: list[CoreOutput] = []
+        if plan.work:
+            launched = self._launch(plan, outputs)
+        else:
+            launched = None
             self.runner.release(plan)  # requests that ended since the last step give their rows back
-            return []
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            outputs[:0] = self._collect(previous)
+        if launched is not None and not self.async_scheduling:
+            self._in_flight = None
+            outputs.extend(self._collect(launched))
+        return outputs
+
+    def _launch(self, plan: StepPlan, outputs: list[CoreOutput]) -> InFlight | None:
+        """Issue the plan on the device and advance its sequences past it; None (and its
+        requests failed into `outputs`) if that failed."""
         now = time.time()
         for w in plan.work:
             times = self.seqs[w.request_id].times
@@ -119,13 +154,32 @@ class EngineCore:
         try:
             for w in plan.work:
                 faults.check("forward", w.params.seed)
-            with record_function("engine.execute"):
-                result = self.runner.execute(plan)
+            with record_function("engine.launch"):
+                pending = self.runner.launch(plan)
         except Exception as exc:  # noqa: BLE001 - the batch cannot be attributed further; fail it, keep serving
-            return self._fail_step(plan, exc)
+            outputs.extend(self._fail_step(plan, exc))
+            return None
+        flight = InFlight(plan, pending, {})
+        for w in plan.work:
+            seq = self.seqs[w.request_id]
+            if w.start == 0 and not seq.num_preemptions:
+                self.prompt_tokens_total += seq.num_prompt_tokens
+            seq.num_computed_tokens = w.end
+            if w.request_id in pending.rows:
+                flight.sampled[w.request_id] = (seq, seq.num_tokens)
+                if not self._reaches_length(seq, seq.num_tokens + 1):
+                    seq.token_ids.append(PLACEHOLDER_TOKEN)  # the next step computes on it
+        return flight
+
+    def _collect(self, flight: InFlight) -> list[CoreOutput]:
+        try:
+            with record_function("engine.collect"):
+                result = self.runner.collect(flight.pending)
+        except Exception as exc:  # noqa: BLE001 - a device error surfaces here: fail the step, keep serving
+            return self._fail_step(flight.plan, exc)
         self._consecutive_step_failures = 0
         with record_function("engine.update"):
-            return self._update(plan, result)
+            return self._update(flight, result)
 
     def _fail_step(self, plan: StepPlan, exc: Exception) -> list[CoreOutput]:
         """Fail every request of a step whose model forward failed. Their blocks are freed, so what
@@ -139,14 +193,10 @@ class EngineCore:
             raise RuntimeError(f"{self._consecutive_step_failures} model steps failed in a row; last: {exc}") from exc
         return outputs
 
-    def _update(self, plan: StepPlan, result: StepResult) -> list[CoreOutput]:
-        for w in plan.work:
-            seq = self.seqs[w.request_id]
-            if w.start == 0 and not seq.num_preemptions:
-                self.prompt_tokens_total += seq.num_prompt_tokens
-            seq.num_computed_tokens = w.end
-            if w.request_id in result.prompt_logprobs:
-                self._record_prompt_logprobs(seq, w.start, result.prompt_logprobs[w.request_id])
+    def _update(self, flight: InFlight, result: StepResult) -> list[CoreOutput]:
+        for w in flight.plan.work:
+            if w.request_id in result.prompt_logprobs and w.request_id in self.seqs:
+                self._record_prompt_logprobs(self.seqs[w.request_id], w.start, result.prompt_logprobs[w.request_id])
         outputs = []
         for request_id, why in result.failed.items():
             log.warning("request %s failed: %s", request_id, why)
@@ -154,14 +204,19 @@ class EngineCore:
                 outputs.append(out)
         now = time.time()
         for s in result.sampled:
-            seq = self.seqs[s.request_id]
-            seq.token_ids.append(s.token_id)
+            seq, index = flight.sampled[s.request_id]
+            if self.seqs.get(s.request_id) is not seq:
+                continue  # finished or aborted while this step ran: its token is dropped
+            if index == seq.num_tokens:
+                seq.token_ids.append(s.token_id)  # its last token: no placeholder was kept for it
+            else:
+                seq.token_ids[index] = s.token_id
             seq.times.first_token = seq.times.first_token or now
             seq.times.last_token = now
             self.generation_tokens_total += 1
             new_logprobs = [s.logprob] if s.logprob is not None else []
             seq.logprobs.extend(new_logprobs)
-            reason, stop = self._stop_reason(seq, s.token_id)
+            reason, stop = self._stop_reason(seq, s.token_id, index + 1)
             if reason:
                 out = self.finish(s.request_id, reason, stop_reason=stop)
                 out.new_token_ids, out.new_logprobs = [s.token_id], new_logprobs
@@ -180,16 +235,21 @@ class EngineCore:
             if start + 1 + j == len(seq.prompt_logprobs):
                 seq.prompt_logprobs.append(record)
 
-    def _stop_reason(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
-        p, n = seq.params, seq.num_output_tokens
-        if n >= p.min_tokens:
+    def _stop_reason(self, seq: Sequence, token: int, num_tokens: int) -> tuple[str | None, int | None]:
+        """Whether `token`, the sequence's `num_tokens`-th, ends it (later placeholders not counted)."""
+        p = seq.params
+        if num_tokens - seq.num_prompt_tokens >= p.min_tokens:
             if token in p.stop_token_ids:
                 return "stop", token
             if token in self.eos_token_ids and not p.ignore_eos:
                 return "stop", None
-        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._reaches_length(seq, num_tokens):
             return "length", None
         return None, None
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """A sequence of `num_tokens` tokens is done whatever they are (max_tokens, model length)."""
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
     def _output(self, seq: Sequence, new_ids: list[int], new_logprobs: list[TokenLogprob]) -> CoreOutput:
         prompt_done = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) >= seq.num_prompt_tokens

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_budget import plan_num_blocks
 from server.engine.placement import gpu_devices, layers_per_device, split_layers
-from server.engine.sampler import sample, token_logprob
-from server.engine.step import Sampled, SeqWork, StepPlan, StepResult
+from server.engine.outputs import TokenLogprob
+from server.engine.sampler import PendingSamples, ReadySamples, enqueue, sample_rows
+from server.engine.step import PLACEHOLDER_TOKEN, Sampled, SeqWork, StepPlan, StepResult
 from server.model.deepseek_v2 import DeepseekV2ForCausalLM
 from server.model.loader import CheckpointWeights, RandomWeights, WeightSource, checkpoint_directory
 
@@ -77,6 +79,21 @@ def locate_model(config: EngineConfig) -> ModelSource:
     return ModelSource(hf_config, str(directory), weights)
 
 
+@dataclass
+class PendingStep:
+    """A launched step: its sampling in flight, and what already failed while issuing it."""
+
+    samples: PendingSamples | ReadySamples | None = None
+    tokens: Tensor | None = None  # the sampled tokens on the device
+    rows: dict[str, int] = field(default_factory=dict)  # request -> its row in `tokens`
+    prompt_logprobs: dict[str, Callable[[], list[TokenLogprob]]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sampled_requests(self) -> set[str]:
+        return set(self.rows)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource,
                  eos_token_ids: set[int]) -> None:
@@ -103,6 +120,9 @@ class ModelRunner:
         self._free_rows: list[int] = []
         self._table = np.zeros((0, 0), dtype=np.int32)
         self._generators: dict[str, torch.Generator] = {}
+        # The latest launched step's sampled tokens on the device, and each request's row in them.
+        self._last_tokens: Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     def _weights(self, source: ModelSource) -> WeightSource:
         if source.weights_dir is None:
@@ -158,14 +178,36 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Issue the step's device work (forward, logits, sampling, copies back) without waiting
+        for it, so that the host can prepare the next step meanwhile."""
         self.release(plan)
         input_ids, positions, meta = self.prepare(plan.work)
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self._sample(plan.work, hidden)
+        pending = self._enqueue_sampling(plan.work, hidden)
+        self._last_tokens, self._last_rows = pending.tokens, pending.rows
+        return pending
+
+    def collect(self, pending: PendingStep) -> StepResult:
+        """Wait for a launched step and read its tokens back."""
+        result = StepResult(failed=pending.failed)
+        for request_id, records in pending.prompt_logprobs.items():
+            result.prompt_logprobs[request_id] = records()
+        if pending.samples is None:
+            return result
+        tokens, records, failures = pending.samples.collect()
+        for i, w in enumerate(pending.samples.work):
+            if i in failures:
+                result.failed[w.request_id] = failures[i]
+            else:
+                result.sampled.append(Sampled(w.request_id, tokens[i], records[i]))
+        return result
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))
 
     def release(self, plan: StepPlan) -> None:
         """Forget the block-table rows (and, when finished, the generators) of requests whose cache is gone."""
@@ -193,7 +235,21 @@ class ModelRunner:
         meta = self.backend.build_metadata(shape, self.device)
         ids = np.fromiter(itertools.chain.from_iterable(w.token_ids for w in work), dtype=np.int64,
                           count=token_seq.size)
-        return self._on_device(ids), self._on_device(positions), meta
+        input_ids = self._on_device(ids)
+        holes = np.flatnonzero(ids == PLACEHOLDER_TOKEN)
+        if holes.size:
+            self._fill_from_last_step(input_ids, holes, [work[i].request_id for i in token_seq[holes]])
+        return input_ids, self._on_device(positions), meta
+
+    def _fill_from_last_step(self, input_ids: Tensor, holes: np.ndarray, request_ids: list[str]) -> None:
+        """Tokens the previous step is still sampling: copied on the device from its output, so
+        this step is issued without waiting for them."""
+        missing = [r for r in request_ids if r not in self._last_rows]
+        if missing:
+            raise RuntimeError(f"no token in flight for requests {missing}")
+        src = self._on_device(np.array([self._last_rows[r] for r in request_ids], dtype=np.int64))
+        dst = self._on_device(holes.astype(np.int64))
+        input_ids[dst] = self._last_tokens.to(input_ids.device)[src.to(self._last_tokens.device)]
 
     def _update_row(self, w: SeqWork) -> int:
         """The sequence's block-table row, with this step's new blocks written in."""
@@ -210,36 +266,46 @@ class ModelRunner:
         t = torch.from_numpy(array)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def _sample(self, work: list[SeqWork], hidden: Tensor) -> StepResult:
-        result = StepResult()
+    def _enqueue_sampling(self, work: list[SeqWork], hidden: Tensor) -> PendingStep:
+        """Everything that reads this step's hidden states is issued now: a graph replay's output
+        buffer is overwritten by the next step."""
+        pending = PendingStep()
         ends = np.cumsum([len(w.token_ids) for w in work])
         for w, end in zip(work, ends):
             if w.prompt_targets:
                 try:
-                    result.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, hidden[end - len(w.token_ids):end])
+                    pending.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, hidden[end - len(w.token_ids):end])
                 except Exception as exc:  # noqa: BLE001 - this request alone fails
-                    result.failed[w.request_id] = f"prompt logprobs failed: {type(exc).__name__}: {exc}"
-        chosen = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample and w.request_id not in result.failed]
+                    pending.failed[w.request_id] = f"prompt logprobs failed: {type(exc).__name__}: {exc}"
+        chosen = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample and w.request_id not in pending.failed]
         if not chosen:
-            return result
-        rows = torch.tensor([row for _, row in chosen], device=hidden.device)
+            return pending
         picked = [w for w, _ in chosen]
         try:
-            logits = self.model.compute_logits(hidden[rows])
+            logits = self.model.compute_logits(hidden[self._on_device(np.array([r for _, r in chosen]))])
         except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
-            result.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}" for w in picked})
-            return result
-        tokens, records, failures = sample(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids)
-        for i, w in enumerate(picked):
-            if i in failures:
-                result.failed[w.request_id] = failures[i]
-            else:
-                result.sampled.append(Sampled(w.request_id, tokens[i], records[i]))
-        return result
+            pending.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}" for w in picked})
+            return pending
+        generators = [self._generator(w) for w in picked]
+        try:
+            pending.samples = enqueue(logits, picked, generators, self.eos_token_ids)
+        except Exception:  # noqa: BLE001 - a batch-wide op failed: sample row by row, now
+            pending.samples = sample_rows(logits, picked, generators, self.eos_token_ids)
+        pending.rows = {w.request_id: i for i, w in enumerate(picked)}
+        pending.tokens = pending.samples.tokens
+        return pending
 
-    def _prompt_logprobs(self, w: SeqWork, hidden: Tensor) -> list:
+    def _prompt_logprobs(self, w: SeqWork, hidden: Tensor):
+        """Issued now; the returned function builds the records (it waits for the device)."""
         logprobs = self.model.compute_logits(hidden[: len(w.prompt_targets)]).log_softmax(-1)
-        return [token_logprob(logprobs[j], t, w.params.prompt_logprobs) for j, t in enumerate(w.prompt_targets)]
+        targets = self._on_device(np.array(w.prompt_targets, dtype=np.int64)).to(logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0]
+        top_values, top_ids = logprobs.topk(w.params.prompt_logprobs, dim=-1)
+
+        def records() -> list[TokenLogprob]:
+            values, ids, vals = chosen.tolist(), top_ids.tolist(), top_values.tolist()
+            return [TokenLogprob(t, values[j], list(zip(ids[j], vals[j]))) for j, t in enumerate(w.prompt_targets)]
+        return records
 
     def _generator(self, w: SeqWork) -> torch.Generator | None:
         """A seeded request's own generator (made on first use; it survives preemption)."""

@@ -2,6 +2,11 @@
 log-probabilities. Seeded requests draw from their own generator, so a seed reproduces a sample
 whatever else is in the batch.
 
+Sampling is split in two so that the engine can schedule the next step while this one runs:
+`enqueue` issues the whole batch's device work (no host sync: random rows draw by the
+exponential race, argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) and
+starts the copies back; `PendingSamples.collect` waits for them and builds the Python results.
+
 Each row is sampled on its own terms: a row that cannot be sampled (NaN logits, a draw that
 fails) is reported in the failures and the other rows keep their tokens. If a batch-wide operation
 fails, the batch is redone row by row so that only the row at fault fails.
@@ -9,6 +14,7 @@ fails, the batch is redone row by row so that only the row at fault fails.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,52 +29,111 @@ FAILED = -1  # the token of a row that could not be sampled
 # token's -inf (min_tokens) becomes NaN. Above this cap every distribution is already uniform
 # over the tokens allowed (logits differ by far less than the cap), so capping changes nothing else.
 MAX_TEMPERATURE = 1e6
+# An exponential draw of exactly 0 would make p / E infinite (or NaN for a banned token's p = 0).
+MIN_NOISE = 1e-20
 
 Samples = tuple[list[int], list[TokenLogprob | None], dict[int, str]]
+
+
+@dataclass
+class PendingSamples:
+    """One batch's sampling in flight: device results and their host copies (pinned on CUDA)."""
+
+    work: list[SeqWork]
+    tokens: Tensor  # [B] int64 on the device: what the next step reads as its input ids
+    host: dict[str, Tensor]  # tokens, broken; logprob, top_ids, top_logprobs when asked for
+    done: torch.cuda.Event | None  # recorded after the copies (None on the CPU: already done)
+
+    def collect(self) -> Samples:
+        """Wait for the copies and build (token ids, log-probability records, row -> why it failed)."""
+        if self.done is not None:
+            self.done.synchronize()
+        tokens, broken = self.host["tokens"].tolist(), self.host["broken"].tolist()
+        records: list[TokenLogprob | None] = [None] * len(self.work)
+        failures: dict[int, str] = {}
+        for i, w in enumerate(self.work):
+            try:
+                if broken[i]:
+                    raise FloatingPointError("the model produced NaN logits for this sequence")
+                faults.check("sample", w.params.seed)
+                if w.params.logprobs is not None:
+                    records[i] = self._record(i, tokens[i], w.params.logprobs)
+            except Exception as exc:  # noqa: BLE001 - one row's failure is that request's, not the batch's
+                tokens[i], failures[i] = FAILED, _why(exc)
+        return tokens, records, failures
+
+    def _record(self, i: int, token_id: int, num_top: int) -> TokenLogprob:
+        ids, values = self.host["top_ids"][i, :num_top].tolist(), self.host["top_logprobs"][i, :num_top].tolist()
+        return TokenLogprob(token_id=token_id, logprob=float(self.host["logprob"][i]), top=list(zip(ids, values)))
+
+
+@dataclass
+class ReadySamples:
+    """A batch sampled on the host already (the row-by-row fallback), with the same interface."""
+
+    work: list[SeqWork]
+    tokens: Tensor  # failed rows hold token 0: a next step that reads them is discarded anyway
+    samples: Samples
+
+    def collect(self) -> Samples:
+        return self.samples
 
 
 def sample(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
            eos_token_ids: set[int]) -> Samples:
     """logits [B, V] (float32) for `work` in order -> (token ids, log-probability records,
-    row -> why it could not be sampled)."""
+    row -> why it could not be sampled), synchronously."""
     try:
-        return _sample_batch(logits, work, generators, eos_token_ids)
+        return enqueue(logits, work, generators, eos_token_ids).collect()
     except Exception:  # noqa: BLE001 - a batch-wide op failed: find the row at fault by going one by one
-        log.warning("batched sampling failed; sampling %d rows one by one", len(work), exc_info=True)
-        tokens, records, failures = [], [], {}
-        for i, w in enumerate(work):
-            try:
-                (token,), (record,), failed = _sample_batch(logits[i:i + 1], [w], generators[i:i + 1], eos_token_ids)
-            except Exception as exc:  # noqa: BLE001 - this row alone fails
-                token, record, failed = FAILED, None, {0: _why(exc)}
-            tokens.append(token)
-            records.append(record)
-            if failed:
-                failures[i] = failed[0]
-        return tokens, records, failures
+        return sample_rows(logits, work, generators, eos_token_ids).samples
 
 
-def _sample_batch(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
-                  eos_token_ids: set[int]) -> Samples:
-    want = [w.params.logprobs is not None for w in work]
-    logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None  # skipped on the common path
-    logits = _block_early_stop(logits, work, eos_token_ids)
-    greedy, broken = logits.argmax(dim=-1), logits.isnan().any(dim=-1)  # -inf (banned) is fine, NaN is not
-    tokens, broken = greedy.tolist(), broken.tolist()  # the step's one device sync
-    records: list[TokenLogprob | None] = [None] * len(work)
-    failures: dict[int, str] = {}
+def sample_rows(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
+                eos_token_ids: set[int]) -> ReadySamples:
+    """Every row on its own, so that an exception fails only its row (synchronous)."""
+    log.warning("batched sampling failed; sampling %d rows one by one", len(work), exc_info=True)
+    tokens, records, failures = [], [], {}
     for i, w in enumerate(work):
         try:
-            if broken[i]:
-                raise FloatingPointError("the model produced NaN logits for this sequence")
-            faults.check("sample", w.params.seed)
-            if not w.params.greedy:
-                tokens[i] = _draw(logits[i], w, generators[i])
-            if want[i]:
-                records[i] = token_logprob(logprobs[i], tokens[i], w.params.logprobs)
-        except Exception as exc:  # noqa: BLE001 - one row's failure is that request's, not the batch's
-            tokens[i], failures[i] = FAILED, _why(exc)
-    return tokens, records, failures
+            (token,), (record,), failed = enqueue(logits[i:i + 1], [w], generators[i:i + 1], eos_token_ids).collect()
+        except Exception as exc:  # noqa: BLE001 - this row alone fails
+            token, record, failed = FAILED, None, {0: _why(exc)}
+        tokens.append(token)
+        records.append(record)
+        if failed:
+            failures[i] = failed[0]
+    on_device = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long).to(logits.device)
+    return ReadySamples(work, on_device, (tokens, records, failures))
+
+
+def enqueue(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
+            eos_token_ids: set[int]) -> PendingSamples:
+    """Issue the batch's sampling on the device; nothing here waits for the device."""
+    num_top = max((w.params.logprobs for w in work if w.params.logprobs is not None), default=None)
+    logprobs = torch.log_softmax(logits, dim=-1) if num_top is not None else None  # skipped on the common path
+    logits = _block_early_stop(logits, work, eos_token_ids)
+    tokens = logits.argmax(dim=-1)
+    random = [i for i, w in enumerate(work) if not w.params.greedy]
+    if random:
+        index = _values(random, torch.long, logits.device)
+        tokens[index] = _draw(logits[index], [work[i] for i in random], [generators[i] for i in random])
+    device = {"tokens": tokens, "broken": logits.isnan().any(dim=-1)}  # -inf (banned) is fine, NaN is not
+    if logprobs is not None:
+        device["logprob"] = logprobs.gather(1, tokens[:, None])[:, 0]
+        device["top_logprobs"], device["top_ids"] = logprobs.topk(num_top, dim=-1)
+    host, done = _copy_to_host(device)
+    return PendingSamples(work, tokens, host, done)
+
+
+def _copy_to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], torch.cuda.Event | None]:
+    if tensors["tokens"].device.type != "cuda":
+        return tensors, None
+    host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for k, t in tensors.items()}
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def _why(exc: Exception) -> str:
@@ -92,19 +157,39 @@ def _block_early_stop(logits: Tensor, work: list[SeqWork], eos_token_ids: set[in
     for i in rows:
         params = work[i].params
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
-        logits[i, list(banned)] = float("-inf")
+        if banned:
+            logits[i, _values(sorted(banned), torch.long, logits.device)] = float("-inf")
     return logits
 
 
-def _draw(row: Tensor, w: SeqWork, generator: torch.Generator | None) -> int:
-    p = w.params
-    row = row / min(p.temperature, MAX_TEMPERATURE)
-    if p.top_k > 0:
-        kth = row.topk(min(p.top_k, row.numel())).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = row.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set reaching top_p
-        row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(row.softmax(-1), 1, generator=generator))
+def _draw(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None]) -> Tensor:
+    """One token per row [R, V]: temperature, then top-k, then top-p, then the exponential race."""
+    device = logits.device
+    temperature = _values([min(w.params.temperature, MAX_TEMPERATURE) for w in work], logits.dtype, device)
+    logits = logits / temperature[:, None]
+    if any(w.params.top_k > 0 or w.params.top_p < 1.0 for w in work):
+        logits = _top_k_top_p(logits, work)
+    probs = logits.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for j, g in enumerate(generators):
+        if g is not None:  # a seeded row: its own stream of draws, whatever the batch
+            noise[j].exponential_(generator=g)
+    return (probs / noise.clamp_min_(MIN_NOISE)).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: Tensor, work: list[SeqWork]) -> Tensor:
+    """Keep each row's top_k best, then the smallest set of those reaching top_p; the rest -inf."""
+    vocab, device = logits.shape[-1], logits.device
+    top_k = _values([w.params.top_k if w.params.top_k > 0 else vocab for w in work], torch.long, device)
+    top_p = _values([w.params.top_p for w in work], logits.dtype, device)
+    ranked, order = logits.sort(dim=-1, descending=True)
+    ranked = ranked.masked_fill(torch.arange(vocab, device=device)[None, :] >= top_k[:, None], float("-inf"))
+    probs = ranked.softmax(dim=-1)
+    ranked = ranked.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, ranked)
+
+
+def _values(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list on the device without a blocking copy (a pageable copy would wait for the GPU)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

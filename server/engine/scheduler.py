@@ -51,6 +51,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:
+                continue  # its last token is being sampled by the step in flight
             if self._make_room(seq, n):
                 work.append(self._work(seq, n))
                 budget -= n

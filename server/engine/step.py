@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
+# A token the previous step is still sampling when this one is scheduled (async scheduling): the
+# runner reads it from that step's output on the device.
+PLACEHOLDER_TOKEN = -1
+
 
 @dataclass(slots=True)
 class SeqWork:
     """One sequence's share of a step."""
 
     request_id: str
-    token_ids: list[int]  # the tokens whose cache rows this step computes
+    token_ids: list[int]  # the tokens whose cache rows this step computes (the last may be PLACEHOLDER_TOKEN)
     start: int  # position of token_ids[0]
     new_blocks: list[int]  # blocks appended to the sequence's table for this step
     resumed: bool  # the table starts over with new_blocks (a new sequence, or one back from preemption)
