@@ -79,21 +79,21 @@ def test_async_scheduling_matches_one_step_at_a_time_with_graphs(checkpoint_dirs
     assert summary(overlapped) == summary(sync)
 
 
-def test_launching_a_decode_step_does_not_wait_for_the_gpu(checkpoint_dirs):
-    """The point of async scheduling: issuing a decode step (inputs, graph replay, logits,
-    sampling, copies back) never blocks the host, so it runs while the previous step computes."""
+def test_launching_a_step_does_not_wait_for_the_gpu(checkpoint_dirs):
+    """The point of async scheduling: issuing a step (inputs, the forward or its graph replay,
+    logits, sampling, copies back) never blocks the host, so it runs while the previous step
+    computes. Prefill chunks, mixed steps and decode steps alike."""
     engine = LLMEngine(EngineConfig(model=checkpoint_dirs["qlora"], device="cuda", dtype="bfloat16",
-                                    kv_cache_bytes=64 << 20, max_num_seqs=16))
+                                    kv_cache_bytes=64 << 20, max_num_seqs=16, max_num_batched_tokens=40))
     runner, launch, checked = engine.core.runner, engine.core.runner.launch, []
 
     def strict_launch(plan):
-        decode = all(len(w.token_ids) == 1 for w in plan.work)
-        torch.cuda.set_sync_debug_mode("error" if decode else "default")
+        torch.cuda.set_sync_debug_mode("error")
         try:
             return launch(plan)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            checked.append(decode)
+            checked.append(all(len(w.token_ids) == 1 for w in plan.work))
 
     runner.launch = strict_launch
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
@@ -105,4 +105,4 @@ def test_launching_a_decode_step_does_not_wait_for_the_gpu(checkpoint_dirs):
     while engine.has_unfinished():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
     assert {o.finish_reason for o in outs.values()} == {"length"}, {o.error for o in outs.values()}
-    assert sum(checked) >= 8
+    assert sum(checked) >= 8 and not all(checked)  # decode steps, and prefill chunks beside them

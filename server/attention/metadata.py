@@ -30,8 +30,10 @@ class PrefillMetadata:
     """Sequences padded to one [B, Q] batch of queries, so one attention call covers all of them."""
 
     index: Tensor  # [B, Q] token rows in the flattened batch; padding repeats the sequence's first row
-    valid: Tensor  # [B, Q] bool, False on padding
-    rows: Tensor  # [Tp] the rows of index[valid], in that order
+    rows: Tensor  # [Tp] the rows of the real (not padding) queries, in order
+    # [Tp] where the real queries sit in the flattened [B * Q]: gathering by it, unlike masking by a
+    # bool [B, Q], does not make the host wait for the device to count them (a sync every layer).
+    valid_flat: Tensor
     # Chunked prefill only (the keys come from the cache):
     block_tables: Tensor | None = None  # [B, max_blocks] int32
     context_lens: Tensor | None = None  # [B] int32, cached tokens after this step's writes
@@ -107,8 +109,9 @@ def _padded_queries(query_lens: np.ndarray, starts: np.ndarray, device: torch.de
     offsets = np.arange(longest)[None, :]
     valid = offsets < query_lens[:, None]
     index = starts[:, None] + np.where(valid, offsets, 0)
-    return PrefillMetadata(index=_tensor(index, torch.long, device), valid=_tensor(valid, torch.bool, device),
-                           rows=_tensor(index[valid], torch.long, device))
+    return PrefillMetadata(index=_tensor(index, torch.long, device),
+                           rows=_tensor(index[valid], torch.long, device),
+                           valid_flat=_tensor(np.flatnonzero(valid), torch.long, device))
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -38,7 +38,7 @@ class TorchBackend(AttentionBackend):
         k, v = expand(layer, stored[fresh.index])  # [B, Q, H, .]
         q = torch.cat([q_nope, q_pe], dim=-1)[fresh.index]
         out = attend(q, k, v, layer.scale, is_causal=True)
-        return out[fresh.valid]
+        return out.flatten(0, 1)[fresh.valid_flat]
 
     def prefill_chunked(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor,
                         meta: AttentionMetadata) -> Tensor:
@@ -52,7 +52,7 @@ class TorchBackend(AttentionBackend):
         positions = (chunk.context_lens - chunk.query_lens)[:, None] + torch.arange(q.shape[1], device=q.device)
         keys = torch.arange(rows.shape[1], device=q.device)
         mask = keys[None, None, :] <= positions[:, :, None]  # [B, Q, K]
-        return attend(q, k, v, layer.scale, mask=mask[:, None])[chunk.valid]
+        return attend(q, k, v, layer.scale, mask=mask[:, None]).flatten(0, 1)[chunk.valid_flat]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool = False,
