@@ -112,7 +112,8 @@ def rerender(results: Path) -> int:
 
 def build_session(args: argparse.Namespace, command: str) -> Session:
     slos = SLOs(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_itl_ms, args.slo_e2e_ms, args.slo_quantile)
-    workload = WorkloadConfig(args.dataset, args.input_len, args.output_len, args.dataset_path, args.seed)
+    workload = WorkloadConfig(args.dataset, args.input_len, args.output_len, args.dataset_path, args.seed,
+                              args.shared_prefix_len)
     workload.validate()
     limits = Limits(args.max_requests, args.duration_s, args.grace_s, args.max_consecutive_failures)
     search = SearchConfig(
@@ -125,6 +126,7 @@ def build_session(args: argparse.Namespace, command: str) -> Session:
     setup = {
         "workload": {"kind": args.dataset, "input_len": str(args.input_len) if args.input_len else None,
                      "output_len": str(args.output_len), "path": args.dataset_path, "seed": args.seed,
+                     "shared_prefix_len": args.shared_prefix_len,
                      "temperature": args.temperature, "ignore_eos": not args.no_ignore_eos,
                      "token_timing": args.token_timing},
         "limits": {"max_requests": limits.max_requests, "duration_s": limits.duration_s, "grace_s": limits.grace_s,
@@ -223,6 +225,9 @@ def _common_options() -> argparse.ArgumentParser:
                    help="prompt length in words (about one token each): N or LOW:HIGH (default 128)")
     g.add_argument("--output-len", type=_length, default=LengthSpec.fixed(64),
                    help="output tokens per request: N or LOW:HIGH (default 64)")
+    g.add_argument("--shared-prefix-len", type=int, default=0, metavar="WORDS",
+                   help="every prompt starts with the same WORDS words (one text per seed), as a long system "
+                        "prompt would: measures prefix caching (default 0)")
     g.add_argument("--seed", type=int, default=0, help="makes prompts, lengths and arrivals reproducible")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     g.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early (lengths then vary)")

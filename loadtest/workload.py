@@ -36,6 +36,7 @@ class WorkloadConfig:
     output_len: LengthSpec = DEFAULT_OUTPUT_LEN
     path: str | None = None  # text or JSONL file
     seed: int = 0
+    shared_prefix_len: int = 0  # words every prompt starts with (one fixed text per seed): prefix caching
 
     def validate(self) -> None:
         """Fail before any load is sent: a kind that needs a file has one, and it exists."""
@@ -45,6 +46,8 @@ class WorkloadConfig:
             raise ValueError(f"--dataset {self.kind} needs --dataset-path")
         if self.path and not Path(self.path).is_file():
             raise ValueError(f"--dataset-path {self.path}: no such file")
+        if self.shared_prefix_len < 0:
+            raise ValueError("--shared-prefix-len must be >= 0")
 
 
 class Workload:
@@ -55,18 +58,26 @@ class Workload:
         self.input_len = config.input_len or _default_input_len(config, max_model_len)
         self._text_words = _read_words(config.path) if config.kind in ("text", "long") and config.path else None
         self._records = _read_jsonl(config.path) if config.kind == "jsonl" else None
+        prefix_rng = random.Random(f"{config.seed}:shared-prefix")
+        self._prefix = " ".join(prefix_rng.choice(WORDS) for _ in range(config.shared_prefix_len))
 
     def describe(self) -> str:
         if self._records is not None:
             return f"jsonl {self.config.path} ({len(self._records)} prompts), seed {self.config.seed}"
         source = f"text of {self.config.path}" if self._text_words else "random words"
-        return (f"{self.config.kind}: {source}, input {self.input_len} words, "
+        shared = f" after a shared prefix of {self.config.shared_prefix_len} words" if self._prefix else ""
+        return (f"{self.config.kind}: {source}, input {self.input_len} words{shared}, "
                 f"output {self.output_len} tokens, seed {self.config.seed}")
 
     def request(self, index: int) -> RequestSpec:
         rng = random.Random(f"{self.config.seed}:{index}")  # str seeds are stable across runs
-        if self._records is not None:
-            return self._from_record(index, rng)
+        spec = self._from_record(index, rng) if self._records is not None else self._generated(index, rng)
+        if not self._prefix:
+            return spec
+        return RequestSpec(index, f"{self._prefix} {spec.prompt}", spec.prompt_words + self.config.shared_prefix_len,
+                           spec.max_tokens)
+
+    def _generated(self, index: int, rng: random.Random) -> RequestSpec:
         n = self.input_len.sample(rng)
         words = self._text(n, rng) if self._text_words else [rng.choice(WORDS) for _ in range(n)]
         return RequestSpec(index, " ".join(words), n, self.output_len.sample(rng))

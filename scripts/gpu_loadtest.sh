@@ -16,9 +16,12 @@ export PYTHONPATH=/tmp/site:$PWD
 KV=${KV:-4GiB}
 common=(--model "${MODEL:-deepseek-v2-lite}" --load-format dummy --kv-cache-bytes "$KV" --max-num-seqs 512
         --max-num-batched-tokens 16384 --max-waiting-requests 4096)
-python3 -m server.cli serve "${common[@]}" --port 8000 > "$OUT/$NAME/server-a.log" 2>&1 &
+# A_FLAGS / B_FLAGS: what differs between the servers (default: ratio 1.0 against ratio 0.5).
+# shellcheck disable=SC2086
+python3 -m server.cli serve "${common[@]}" --port 8000 ${A_FLAGS:-} > "$OUT/$NAME/server-a.log" 2>&1 &
 A=$!
-python3 -m server.cli serve "${common[@]}" --port 8001 --compression-ratio 0.5 > "$OUT/$NAME/server-b.log" 2>&1 &
+# shellcheck disable=SC2086
+python3 -m server.cli serve "${common[@]}" --port 8001 ${B_FLAGS:---compression-ratio 0.5} > "$OUT/$NAME/server-b.log" 2>&1 &
 B=$!
 for port in 8000 8001; do
     for _ in $(seq 240); do curl -sf "127.0.0.1:$port/health" > /dev/null && break; sleep 1; done

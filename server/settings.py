@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     # How to run it.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of a prompt prefix already in the cache (vLLM's default)")
     async_scheduling: bool = Field(
         True, description="schedule and launch each step before the previous one's tokens are back (host work "
                           "overlaps the GPU; a request ending on EOS or a stop token costs one dropped token)")

@@ -338,6 +338,18 @@ def test_workload_is_reproducible_per_request_index():
     assert Workload(WorkloadConfig(seed=8)).request(0) != Workload(WorkloadConfig(seed=7)).request(0)
 
 
+def test_shared_prefix_starts_every_prompt():
+    config = WorkloadConfig(input_len=LengthSpec.fixed(5), seed=3, shared_prefix_len=40)
+    requests = [Workload(config).request(i) for i in range(4)]
+    prefix = requests[0].prompt.split()[:40]
+    assert all(r.prompt.split()[:40] == prefix and r.prompt_words == 45 for r in requests)
+    assert len({r.prompt for r in requests}) == 4  # the rest differs
+    other_seed = Workload(WorkloadConfig(input_len=LengthSpec.fixed(5), seed=4, shared_prefix_len=40)).request(0)
+    assert other_seed.prompt.split()[:40] != prefix
+    with pytest.raises(ValueError, match="shared-prefix-len"):
+        WorkloadConfig(shared_prefix_len=-1).validate()
+
+
 def test_text_and_jsonl_workloads(tmp_path):
     text = tmp_path / "book.txt"
     text.write_text("one two three four five six seven eight nine ten")

@@ -39,6 +39,9 @@ ENGINE_COUNTERS = [
     ("kvsplice:prompt_tokens_total", "Prompt tokens processed", "prompt_tokens_total"),
     ("kvsplice:generation_tokens_total", "Tokens generated", "generation_tokens_total"),
     ("kvsplice:num_preemptions_total", "Sequences preempted for lack of KV blocks", "num_preemptions_total"),
+    ("kvsplice:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries_total"),
+    ("kvsplice:prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed again)",
+     "prefix_cache_hits_total"),
 ]
 
 _LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

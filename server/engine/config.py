@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step at most
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     pipeline_parallel_size: int = 1  # GPUs the layers are split over (one model replica)
+    enable_prefix_caching: bool = True  # reuse the cached blocks of a shared prompt prefix
     async_scheduling: bool = True  # schedule and launch step N+1 before step N's tokens are back
     cuda_graphs: bool = True  # capture the decode step in CUDA graphs (CUDA only)
     fused_moe: bool = True  # the Triton routed-experts kernel on CUDA (False: the plain-torch reference)

@@ -71,6 +71,8 @@ class EngineStats:
     num_preemptions_total: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int  # of which were cached
 
 
 @dataclass
@@ -92,7 +94,7 @@ class EngineCore:
         num_blocks = self.runner.num_blocks_for_budget()
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_decode_graphs()
-        self.blocks = BlockManager(num_blocks, self.layout.block_size)
+        self.blocks = BlockManager(num_blocks, self.layout.block_size, enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
@@ -165,6 +167,8 @@ class EngineCore:
             if w.start == 0 and not seq.num_preemptions:
                 self.prompt_tokens_total += seq.num_prompt_tokens
             seq.num_computed_tokens = w.end
+            # Its full blocks are findable from now on: any step that reads them runs after this one.
+            self.blocks.register(seq.block_table, seq.block_hashes, seq.token_ids, w.end, PLACEHOLDER_TOKEN)
             if w.request_id in pending.rows:
                 flight.sampled[w.request_id] = (seq, seq.num_tokens)
                 if not self._reaches_length(seq, seq.num_tokens + 1):
@@ -185,6 +189,7 @@ class EngineCore:
         """Fail every request of a step whose model forward failed. Their blocks are freed, so what
         the step half-wrote into the cache belongs to nobody; the next step starts clean."""
         self._consecutive_step_failures += 1
+        self.blocks.reset_prefix_cache()  # what the step wrote cannot be trusted
         log.error("model step failed (%d in a row), failing its %d requests", self._consecutive_step_failures,
                   len(plan.work), exc_info=exc)
         message = f"engine step failed: {type(exc).__name__}: {exc}"
@@ -279,4 +284,6 @@ class EngineCore:
             num_preemptions_total=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries_total=self.blocks.query_tokens,
+            prefix_cache_hits_total=self.blocks.hit_tokens,
         )

@@ -4,7 +4,8 @@ Running sequences go first (one decode token each, or the next chunk of an unfin
 admission order; when one needs a block and none is free, the most recently admitted sequence is
 preempted (blocks freed, recomputed later from its tokens, so greedy output does not change).
 Then waiting sequences are admitted first-come-first-served while the token budget, the running
-limit and free blocks allow. Prefill and decode tokens of all of them form one flattened batch,
+limit and free blocks allow; with prefix caching a sequence starts from the cached blocks of its
+longest cached prefix and computes only the rest (admission counts only the blocks it needs). Prefill and decode tokens of all of them form one flattened batch,
 described to the model runner by a `StepPlan`.
 
 `peak_running` is the most sequences running at once after admission in one step, since the
@@ -58,13 +59,18 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+            # Prompt log-probabilities need every prompt position computed: no cache for them.
+            hits = [] if seq.params.prompt_logprobs is not None else self.blocks.match_prefix(seq.token_ids)
+            cached = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_allocate(seq.block_table, cached + n, hits):
                 break  # first-come-first-served: nobody overtakes the head of the queue
             self.waiting.popleft()
+            self.blocks.take_hits(seq.block_table, hits, seq.num_prompt_tokens)
+            seq.num_computed_tokens = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
-            work.append(self._work(seq, n))
+            work.append(self._work(seq, n, admitted=True))
             budget -= n
         self.peak_running = max(self.peak_running, len(self.running))
         plan = StepPlan(work, preempted=self._preempted, finished=self._finished)
@@ -74,16 +80,19 @@ class Scheduler:
             plan.preempted = [r for r in plan.preempted if r not in scheduled]
         return plan
 
-    def _work(self, seq: Sequence, n: int) -> SeqWork:
+    def _work(self, seq: Sequence, n: int, admitted: bool = False) -> SeqWork:
+        """The next n tokens of `seq`; an admitted sequence sends its whole table (cached blocks too)."""
         start = seq.num_computed_tokens
         new_blocks = self.blocks.allocate(seq.block_table, start + n)
+        if admitted:
+            new_blocks = list(seq.block_table)
         end = start + n
         targets = None
         if seq.wants_prompt_logprobs and start + 1 < seq.num_prompt_tokens:
             targets = seq.token_ids[start + 1 : min(end + 1, seq.num_prompt_tokens)]
         return SeqWork(
             request_id=seq.request_id, token_ids=seq.token_ids[start:end], start=start, new_blocks=new_blocks,
-            resumed=start == 0, sample=end == seq.num_tokens, params=seq.params,
+            resumed=admitted, sample=end == seq.num_tokens, params=seq.params,
             num_output_tokens=seq.num_output_tokens, prompt_targets=targets,
         )
 
@@ -104,6 +113,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
+        seq.block_hashes.clear()  # its blocks may be recomputed elsewhere: hash them again then
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

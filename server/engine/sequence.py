@@ -25,6 +25,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose row is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks, registered so far
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None

@@ -25,7 +25,7 @@ class SeqWork:
     token_ids: list[int]  # the tokens whose cache rows this step computes (the last may be PLACEHOLDER_TOKEN)
     start: int  # position of token_ids[0]
     new_blocks: list[int]  # blocks appended to the sequence's table for this step
-    resumed: bool  # the table starts over with new_blocks (a new sequence, or one back from preemption)
+    resumed: bool  # admitted this step (new, or back from preemption): its table is new_blocks, cached ones too
     sample: bool  # these tokens reach the end of the sequence: sample the next one
     params: SamplingParams
     num_output_tokens: int  # generated so far (min_tokens holds stop tokens back until reached)
