@@ -124,7 +124,8 @@ def main() -> None:
         engine = LLMEngine(EngineConfig(
             model=args.shape, load_format="auto" if args.shape == "builtin" else "dummy", compression_ratio=args.ratio, max_num_seqs=args.batch,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.prompt_len + args.new + 16,
-            kv_cache_memory_fraction=0.3, async_scheduling=asynchronous))
+            kv_cache_memory_fraction=0.3, async_scheduling=asynchronous,
+            enable_prefix_caching=False))  # the timed run repeats the warm-up's prompts
         prompts = random_prompts(engine.hf_config.vocab_size, args.batch, args.prompt_len, seed=0)
         run_once(engine, prompts, args.new)  # warm-up: kernels compiled, allocator and pinned pool settled
         name = "async" if asynchronous else "sync"

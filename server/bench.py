@@ -203,6 +203,7 @@ def engine_config(args, device: torch.device, ratio: float) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len, block_size=args.block_size,
         pipeline_parallel_size=args.pipeline_parallel_size, fused_moe=not args.no_fused_moe,
         async_scheduling=not args.no_async_scheduling,
+        enable_prefix_caching=False,  # trials repeat their prompts: timed runs would read the cache
     )
 
 

@@ -53,7 +53,7 @@ def mixed_params(stop_token: int) -> list[SamplingParams]:
 
 
 def engine(path: str, asynchronous: bool, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=path, async_scheduling=asynchronous, **kw))
+    return LLMEngine(EngineConfig(model=path, device="cpu", async_scheduling=asynchronous, **kw))
 
 
 def summary(outs: dict) -> dict:

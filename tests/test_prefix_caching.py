@@ -98,7 +98,7 @@ def test_reset_and_disabled():
     assert off.match_prefix(list(range(9))) == [] and not off.cached
 
 
-# -- the engine ---------------------------------------------------------------------------------
+# -- the engine (on the CPU: float32 outputs that agree to the last digit, budgets in float32 bytes)
 
 SYSTEM = ("You are a careful assistant. Answer in one short sentence, in plain words, and never make up "
           "facts you do not know; if the question is unclear, say so. ")
@@ -133,7 +133,7 @@ def idle(engine: LLMEngine) -> bool:
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_outputs_do_not_change_when_the_prefix_is_cached(checkpoint_dirs, ratio):
-    kw = dict(model=checkpoint_dirs["lite"], kv_cache_bytes=4 << 20, compression_ratio=ratio)
+    kw = dict(model=checkpoint_dirs["lite"], device="cpu", kv_cache_bytes=4 << 20, compression_ratio=ratio)
     cached, plain = LLMEngine(EngineConfig(**kw)), LLMEngine(EngineConfig(**kw, enable_prefix_caching=False))
     assert two_waves(cached) == two_waves(plain)
     stats = cached.stats()
@@ -141,13 +141,15 @@ def test_outputs_do_not_change_when_the_prefix_is_cached(checkpoint_dirs, ratio)
     assert stats.prefix_cache_hits_total >= 8 * prefix_tokens  # every second-wave prompt found it
     assert stats.prefix_cache_queries_total > stats.prefix_cache_hits_total
     assert plain.stats().prefix_cache_queries_total == 0
+    # Every prompt token counts as processed, cached or not (vLLM's prompt_tokens_total).
+    assert stats.prompt_tokens_total == plain.stats().prompt_tokens_total == stats.prefix_cache_queries_total
     assert idle(cached)
 
 
 def test_outputs_do_not_change_under_preemption_and_abort(checkpoint_dirs):
     path = checkpoint_dirs["lite"]
     per_token = get_kv_cache_size(load(path)[0].config, dtype=torch.float32).bytes_per_token
-    kw = dict(model=path, kv_cache_bytes=14 * 16 * per_token, block_size=16)  # a wave needs ~30 blocks
+    kw = dict(model=path, device="cpu", kv_cache_bytes=14 * 16 * per_token, block_size=16)  # a wave needs ~30 blocks
     cached, plain = LLMEngine(EngineConfig(**kw)), LLMEngine(EngineConfig(**kw, enable_prefix_caching=False))
     a, b = two_waves(cached, abort_after=4), two_waves(plain, abort_after=4)
     assert cached.stats().num_preemptions_total > 0 and cached.stats().prefix_cache_hits_total > 0
@@ -157,10 +159,23 @@ def test_outputs_do_not_change_under_preemption_and_abort(checkpoint_dirs):
 
 
 def test_prompt_logprobs_are_never_served_from_the_cache(checkpoint_dirs):
-    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=4 << 20))
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], device="cpu", kv_cache_bytes=4 << 20))
     prompt = SYSTEM + QUESTIONS[0]
     run(engine, [prompt], SamplingParams(max_tokens=2, temperature=0.0), "warm")
     hits = engine.stats().prefix_cache_hits_total
     out = run(engine, [prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1), "p")["p0"]
     assert engine.stats().prefix_cache_hits_total == hits
     assert len(out.prompt_logprobs) == len(engine.tokenizer.encode(prompt))
+
+
+def test_the_periodic_log_line_reports_the_hit_rate(checkpoint_dirs):
+    from server.engine.stats_log import line
+
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], device="cpu", kv_cache_bytes=4 << 20))
+    before = engine.stats()
+    two_waves(engine)
+    after = engine.stats()
+    text = line(after, before, elapsed=2.0)
+    rate = 100 * after.prefix_cache_hits_total / after.prefix_cache_queries_total
+    assert f"prefix cache hit rate {rate:.1f}%" in text
+    assert f"generation throughput {after.generation_tokens_total / 2:.1f} tok/s" in text

@@ -15,6 +15,7 @@ from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineStats, LLMEngine
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.stats_log import StatsLogger
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
@@ -36,6 +37,7 @@ class AsyncLLMEngine:
         self._commands: queue.Queue = queue.Queue()  # (kind, payload) from the event loop to the thread
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.engine.stats()
+        self._stats_log = StatsLogger()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._crashed: BaseException | None = None
@@ -118,6 +120,7 @@ class AsyncLLMEngine:
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()  # before delivery: a client that saw its tokens sees them counted
                 self._deliver_step(outputs)
+                self._stats_log.maybe_log(self._stats)
         except BaseException as exc:  # noqa: BLE001 - report to every waiting request, then die
             log.exception("engine loop crashed")
             self._crashed = exc

@@ -164,7 +164,7 @@ class EngineCore:
         flight = InFlight(plan, pending, {})
         for w in plan.work:
             seq = self.seqs[w.request_id]
-            if w.start == 0 and not seq.num_preemptions:
+            if w.resumed and not seq.num_preemptions:  # admitted for the first time (its cached prefix counts too)
                 self.prompt_tokens_total += seq.num_prompt_tokens
             seq.num_computed_tokens = w.end
             # Its full blocks are findable from now on: any step that reads them runs after this one.
