@@ -7,7 +7,9 @@ cache blocks the budget buys, allocate the cache, capture the decode CUDA graphs
 A step: the plan's tokens are flattened into one batch (numpy, no per-token Python), each
 sequence's block-table row is updated from the plan's deltas, the attention backend builds the
 step's metadata, the model runs (a CUDA-graph replay when every sequence decodes one token), and
-the last row of every sequence that reached its end is sampled.
+the last row of every sequence that reached its end is sampled. `launch` issues all of that
+without waiting for the device (a token the previous step is still sampling is read from that
+step's output on the device); `collect` waits for a launched step and reads its tokens back.
 """
 from __future__ import annotations
 
@@ -84,14 +86,14 @@ class PendingStep:
     """A launched step: its sampling in flight, and what already failed while issuing it."""
 
     samples: PendingSamples | ReadySamples | None = None
-    tokens: Tensor | None = None  # the sampled tokens on the device
     rows: dict[str, int] = field(default_factory=dict)  # request -> its row in `tokens`
     prompt_logprobs: dict[str, Callable[[], list[TokenLogprob]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
     @property
-    def sampled_requests(self) -> set[str]:
-        return set(self.rows)
+    def tokens(self) -> Tensor | None:
+        """The sampled tokens on the device."""
+        return None if self.samples is None else self.samples.tokens
 
 
 class ModelRunner:
@@ -206,9 +208,6 @@ class ModelRunner:
                 result.sampled.append(Sampled(w.request_id, tokens[i], records[i]))
         return result
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.collect(self.launch(plan))
-
     def release(self, plan: StepPlan) -> None:
         """Forget the block-table rows (and, when finished, the generators) of requests whose cache is gone."""
         for request_id in itertools.chain(plan.preempted, plan.finished):
@@ -292,10 +291,9 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - a batch-wide op failed: sample row by row, now
             pending.samples = sample_rows(logits, picked, generators, self.eos_token_ids)
         pending.rows = {w.request_id: i for i, w in enumerate(picked)}
-        pending.tokens = pending.samples.tokens
         return pending
 
-    def _prompt_logprobs(self, w: SeqWork, hidden: Tensor):
+    def _prompt_logprobs(self, w: SeqWork, hidden: Tensor) -> Callable[[], list[TokenLogprob]]:
         """Issued now; the returned function builds the records (it waits for the device)."""
         logprobs = self.model.compute_logits(hidden[: len(w.prompt_targets)]).log_softmax(-1)
         targets = self._on_device(np.array(w.prompt_targets, dtype=np.int64)).to(logprobs.device)

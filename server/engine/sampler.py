@@ -140,14 +140,6 @@ def _why(exc: Exception) -> str:
     return f"sampling failed: {type(exc).__name__}: {exc}"
 
 
-def token_logprob(row_logprobs: Tensor, token_id: int, num_top: int) -> TokenLogprob:
-    top = []
-    if num_top > 0:
-        values, ids = row_logprobs.topk(num_top)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token_id=token_id, logprob=float(row_logprobs[token_id]), top=top)
-
-
 def _block_early_stop(logits: Tensor, work: list[SeqWork], eos_token_ids: set[int]) -> Tensor:
     """Until min_tokens are out, EOS and stop tokens cannot be drawn."""
     rows = [i for i, w in enumerate(work) if w.num_output_tokens < w.params.min_tokens]
