@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from server.transfer import to_device
+
 
 @dataclass
 class DecodeMetadata:
@@ -84,22 +86,22 @@ def build_metadata(shape: StepShape, device: torch.device) -> AttentionMetadata:
     decode = np.flatnonzero(q == 1)
     fresh = np.flatnonzero((q > 1) & (ctx == q))
     chunked = np.flatnonzero((q > 1) & (ctx > q))
-    meta = AttentionMetadata(slot_mapping=_tensor(shape.slot_mapping, torch.long, device))
+    meta = AttentionMetadata(slot_mapping=to_device(shape.slot_mapping, device, torch.long))
     if decode.size:
         every_row = decode.size == q.size  # a pure decode step: rows are 0..B-1 in order
         meta.decode = DecodeMetadata(
-            rows=None if every_row else _tensor(starts[decode], torch.long, device),
-            block_tables=_tensor(shape.block_tables[decode], torch.int32, device),
-            context_lens=_tensor(ctx[decode], torch.int32, device),
+            rows=None if every_row else to_device(starts[decode], device, torch.long),
+            block_tables=to_device(shape.block_tables[decode], device, torch.int32),
+            context_lens=to_device(ctx[decode], device, torch.int32),
             max_context_len=int(ctx[decode].max()),
         )
     if fresh.size:
         meta.fresh = _padded_queries(q[fresh], starts[fresh], device)
     if chunked.size:
         meta.chunked = _padded_queries(q[chunked], starts[chunked], device)
-        meta.chunked.block_tables = _tensor(shape.block_tables[chunked], torch.int32, device)
-        meta.chunked.context_lens = _tensor(ctx[chunked], torch.int32, device)
-        meta.chunked.query_lens = _tensor(q[chunked], torch.int32, device)
+        meta.chunked.block_tables = to_device(shape.block_tables[chunked], device, torch.int32)
+        meta.chunked.context_lens = to_device(ctx[chunked], device, torch.int32)
+        meta.chunked.query_lens = to_device(q[chunked], device, torch.int32)
         meta.chunked.max_context_len = int(ctx[chunked].max())
     return meta
 
@@ -109,13 +111,6 @@ def _padded_queries(query_lens: np.ndarray, starts: np.ndarray, device: torch.de
     offsets = np.arange(longest)[None, :]
     valid = offsets < query_lens[:, None]
     index = starts[:, None] + np.where(valid, offsets, 0)
-    return PrefillMetadata(index=_tensor(index, torch.long, device),
-                           rows=_tensor(index[valid], torch.long, device),
-                           valid_flat=_tensor(np.flatnonzero(valid), torch.long, device))
-
-
-def _tensor(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return PrefillMetadata(index=to_device(index, device, torch.long),
+                           rows=to_device(index[valid], device, torch.long),
+                           valid_flat=to_device(np.flatnonzero(valid), device, torch.long))

@@ -34,10 +34,11 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_budget import plan_num_blocks
 from server.engine.placement import gpu_devices, layers_per_device, split_layers
 from server.engine.outputs import TokenLogprob
-from server.engine.sampler import PendingSamples, ReadySamples, enqueue, sample_rows
+from server.engine.sampler import PendingSamples, ReadySamples, start_sampling
 from server.engine.step import PLACEHOLDER_TOKEN, Sampled, SeqWork, StepPlan, StepResult
 from server.model.deepseek_v2 import DeepseekV2ForCausalLM
 from server.model.loader import CheckpointWeights, RandomWeights, WeightSource, checkpoint_directory
+from server.transfer import to_device
 
 log = logging.getLogger(__name__)
 LOAD_FORMATS = ("auto", "dummy")
@@ -234,11 +235,11 @@ class ModelRunner:
         meta = self.backend.build_metadata(shape, self.device)
         ids = np.fromiter(itertools.chain.from_iterable(w.token_ids for w in work), dtype=np.int64,
                           count=token_seq.size)
-        input_ids = self._on_device(ids)
+        input_ids = to_device(ids, self.device)
         holes = np.flatnonzero(ids == PLACEHOLDER_TOKEN)
         if holes.size:
             self._fill_from_last_step(input_ids, holes, [work[i].request_id for i in token_seq[holes]])
-        return input_ids, self._on_device(positions), meta
+        return input_ids, to_device(positions, self.device), meta
 
     def _fill_from_last_step(self, input_ids: Tensor, holes: np.ndarray, request_ids: list[str]) -> None:
         """Tokens the previous step is still sampling: copied on the device from its output, so
@@ -246,8 +247,8 @@ class ModelRunner:
         missing = [r for r in request_ids if r not in self._last_rows]
         if missing:
             raise RuntimeError(f"no token in flight for requests {missing}")
-        src = self._on_device(np.array([self._last_rows[r] for r in request_ids], dtype=np.int64))
-        dst = self._on_device(holes.astype(np.int64))
+        src = to_device(np.array([self._last_rows[r] for r in request_ids], dtype=np.int64), self.device)
+        dst = to_device(holes.astype(np.int64), self.device)
         input_ids[dst] = self._last_tokens.to(input_ids.device)[src.to(self._last_tokens.device)]
 
     def _update_row(self, w: SeqWork) -> int:
@@ -260,10 +261,6 @@ class ModelRunner:
         self._table[row, known:known + len(w.new_blocks)] = w.new_blocks
         self._rows[w.request_id] = (row, known + len(w.new_blocks))
         return row
-
-    def _on_device(self, array: np.ndarray) -> Tensor:
-        t = torch.from_numpy(array)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _enqueue_sampling(self, work: list[SeqWork], hidden: Tensor) -> PendingStep:
         """Everything that reads this step's hidden states is issued now: a graph replay's output
@@ -281,22 +278,18 @@ class ModelRunner:
             return pending
         picked = [w for w, _ in chosen]
         try:
-            logits = self.model.compute_logits(hidden[self._on_device(np.array([r for _, r in chosen]))])
+            logits = self.model.compute_logits(hidden[to_device(np.array([r for _, r in chosen]), self.device)])
         except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
             pending.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}" for w in picked})
             return pending
-        generators = [self._generator(w) for w in picked]
-        try:
-            pending.samples = enqueue(logits, picked, generators, self.eos_token_ids)
-        except Exception:  # noqa: BLE001 - a batch-wide op failed: sample row by row, now
-            pending.samples = sample_rows(logits, picked, generators, self.eos_token_ids)
+        pending.samples = start_sampling(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids)
         pending.rows = {w.request_id: i for i, w in enumerate(picked)}
         return pending
 
     def _prompt_logprobs(self, w: SeqWork, hidden: Tensor) -> Callable[[], list[TokenLogprob]]:
         """Issued now; the returned function builds the records (it waits for the device)."""
         logprobs = self.model.compute_logits(hidden[: len(w.prompt_targets)]).log_softmax(-1)
-        targets = self._on_device(np.array(w.prompt_targets, dtype=np.int64)).to(logprobs.device)
+        targets = to_device(np.array(w.prompt_targets, dtype=np.int64), logprobs.device)
         chosen = logprobs.gather(1, targets[:, None])[:, 0]
         top_values, top_ids = logprobs.topk(w.params.prompt_logprobs, dim=-1)
 

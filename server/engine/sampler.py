@@ -22,6 +22,7 @@ from torch import Tensor
 from server.engine import faults
 from server.engine.outputs import TokenLogprob
 from server.engine.step import SeqWork
+from server.transfer import to_device
 
 log = logging.getLogger(__name__)
 FAILED = -1  # the token of a row that could not be sampled
@@ -83,10 +84,16 @@ def sample(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator
            eos_token_ids: set[int]) -> Samples:
     """logits [B, V] (float32) for `work` in order -> (token ids, log-probability records,
     row -> why it could not be sampled), synchronously."""
+    return start_sampling(logits, work, generators, eos_token_ids).collect()
+
+
+def start_sampling(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
+                   eos_token_ids: set[int]) -> PendingSamples | ReadySamples:
+    """The batch's sampling issued on the device; if a batch-wide op fails, sampled row by row now."""
     try:
-        return enqueue(logits, work, generators, eos_token_ids).collect()
-    except Exception:  # noqa: BLE001 - a batch-wide op failed: find the row at fault by going one by one
-        return sample_rows(logits, work, generators, eos_token_ids).samples
+        return enqueue(logits, work, generators, eos_token_ids)
+    except Exception:  # noqa: BLE001 - find the row at fault by going one by one
+        return sample_rows(logits, work, generators, eos_token_ids)
 
 
 def sample_rows(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
@@ -116,7 +123,7 @@ def enqueue(logits: Tensor, work: list[SeqWork], generators: list[torch.Generato
     tokens = logits.argmax(dim=-1)
     random = [i for i, w in enumerate(work) if not w.params.greedy]
     if random:
-        index = _values(random, torch.long, logits.device)
+        index = to_device(random, logits.device, torch.long)
         tokens[index] = _draw(logits[index], [work[i] for i in random], [generators[i] for i in random])
     device = {"tokens": tokens, "broken": logits.isnan().any(dim=-1)}  # -inf (banned) is fine, NaN is not
     if logprobs is not None:
@@ -150,14 +157,14 @@ def _block_early_stop(logits: Tensor, work: list[SeqWork], eos_token_ids: set[in
         params = work[i].params
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
         if banned:
-            logits[i, _values(sorted(banned), torch.long, logits.device)] = float("-inf")
+            logits[i, to_device(sorted(banned), logits.device, torch.long)] = float("-inf")
     return logits
 
 
 def _draw(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None]) -> Tensor:
     """One token per row [R, V]: temperature, then top-k, then top-p, then the exponential race."""
     device = logits.device
-    temperature = _values([min(w.params.temperature, MAX_TEMPERATURE) for w in work], logits.dtype, device)
+    temperature = to_device([min(w.params.temperature, MAX_TEMPERATURE) for w in work], device, logits.dtype)
     logits = logits / temperature[:, None]
     if any(w.params.top_k > 0 or w.params.top_p < 1.0 for w in work):
         logits = _top_k_top_p(logits, work)
@@ -172,16 +179,10 @@ def _draw(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator 
 def _top_k_top_p(logits: Tensor, work: list[SeqWork]) -> Tensor:
     """Keep each row's top_k best, then the smallest set of those reaching top_p; the rest -inf."""
     vocab, device = logits.shape[-1], logits.device
-    top_k = _values([w.params.top_k if w.params.top_k > 0 else vocab for w in work], torch.long, device)
-    top_p = _values([w.params.top_p for w in work], logits.dtype, device)
+    top_k = to_device([w.params.top_k if w.params.top_k > 0 else vocab for w in work], device, torch.long)
+    top_p = to_device([w.params.top_p for w in work], device, logits.dtype)
     ranked, order = logits.sort(dim=-1, descending=True)
     ranked = ranked.masked_fill(torch.arange(vocab, device=device)[None, :] >= top_k[:, None], float("-inf"))
     probs = ranked.softmax(dim=-1)
     ranked = ranked.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(1, order, ranked)
-
-
-def _values(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list on the device without a blocking copy (a pageable copy would wait for the GPU)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

@@ -25,9 +25,9 @@ class StatsLogger:
         self._last, self._last_time = stats, now
         if last is None:
             return
-        prompt = stats.prompt_tokens_total - last.prompt_tokens_total
-        generated = stats.generation_tokens_total - last.generation_tokens_total
-        if not (prompt or generated or stats.num_running or stats.num_waiting):
+        busy = (stats.prompt_tokens_total, stats.generation_tokens_total) != (
+            last.prompt_tokens_total, last.generation_tokens_total) or stats.num_running or stats.num_waiting
+        if not busy:
             return
         log.info(line(stats, last, elapsed))
 
