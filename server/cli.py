@@ -43,6 +43,8 @@ def add_serve(subparsers) -> None:
         "serve", help="run the HTTP server",
         description="Serve a DeepSeek-V2 model over HTTP. Every setting is also read from KVSPLICE_<NAME> "
                     "environment variables and from the --config file; precedence: flags > env > file > defaults.")
+    parser.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
+                        help="the model, as `vllm serve MODEL` takes it (the same as --model)")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         # SUPPRESS: a flag that is not given must not hide the env or file value behind a default.
@@ -68,6 +70,12 @@ def _choices_metavar(field) -> dict[str, str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    if args.model_tag is not None:
+        if flags.get("model", args.model_tag) != args.model_tag:
+            print(f"kvsplice serve: MODEL {args.model_tag!r} and --model {flags['model']!r} disagree; give one",
+                  file=sys.stderr)
+            return 2
+        flags["model"] = args.model_tag
     try:
         settings = load_settings(**flags)
     except InvalidSettings as exc:

@@ -124,7 +124,9 @@ class Settings(BaseSettings):
     compression_ratio: UnitFraction = Field(
         1.0, description="fraction of the latent dims stored, in (0, 1]; 1.0 = plain MLA")
     splice_file: str | None = Field(None, description="calibrated splice file (safetensors)")
-    splice_init: str = Field("truncate", description="splice initialisation when there is no splice file")
+    splice_init: Literal["truncate", "orthogonal"] = Field(
+        "truncate", description="data-free splice initialisation when there is no splice file (pca and learned "
+                                "splices need calibration data: make a file with `kvsplice calibrate`)")
     kv_cache_bytes: ByteSize | None = Field(
         None, description="KV cache budget (bytes, or e.g. 8GiB); wins over the fraction")
     kv_cache_memory_fraction: UnitFraction = Field(

@@ -70,9 +70,12 @@ def test_a_missing_or_wrong_key_is_401(keyed_server, header):
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/docs", "/openapi.json", "/v1/models", "/no/such/path"])
-def test_every_path_but_health_needs_the_key(keyed_server, path):
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/models/x", "/tokenizer_info",
+                                  "/no/such/path"])
+def test_every_path_but_the_probes_needs_the_key(keyed_server, path):
     base = keyed_server.base_url
     assert httpx.get(base + path).status_code == 401
     assert httpx.get(base + path, headers={"Authorization": f"Bearer {KEY}"}).status_code in (200, 404)
-    assert httpx.get(base + "/health").status_code == 200
+    for probe in ("/health", "/ping", "/version"):
+        assert httpx.get(base + probe).status_code == 200
+    assert httpx.post(base + "/tokenize", json={"prompt": "a"}).status_code == 401

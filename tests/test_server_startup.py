@@ -41,6 +41,17 @@ def test_a_bad_model_path_is_one_line(model, words):
     assert_one_line(serve("--model", model, env={"HF_HUB_OFFLINE": "1"}), *words)
 
 
+def test_the_model_can_be_given_as_vllm_takes_it():
+    # `kvsplice serve MODEL`, as `vllm serve MODEL`: the same path, the same one-line refusal.
+    assert_one_line(serve("/no/such/model", env={"HF_HUB_OFFLINE": "1"}), "/no/such/model", "no such file or directory")
+    assert_one_line(serve("a-model", "--model", "another"), "MODEL 'a-model' and --model 'another' disagree")
+
+
+def test_an_unknown_splice_init_is_refused_before_anything_loads():
+    result = serve("--compression-ratio", "0.5", "--splice-init", "pca")
+    assert_one_line(result, "splice_init", "'truncate' or 'orthogonal'")
+
+
 def test_an_offline_hub_id_is_one_line_naming_the_fix(tmp_path):
     result = serve("--model", HUB_ID, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert_one_line(result, HUB_ID, "HF_HUB_OFFLINE=1", "local path")

@@ -14,7 +14,7 @@ from server.api.limits import BodyLimitMiddleware
 from server.api.logprobs import TokenText
 from server.api.metrics import ServerMetrics
 from server.api.middleware import APIGateMiddleware
-from server.api.routes import chat, completions, generate, models, ops
+from server.api.routes import chat, completions, generate, models, ops, tokenizer
 from server.settings import Settings
 
 
@@ -30,7 +30,7 @@ def build_app(engine, settings: Settings) -> FastAPI:
                   lifespan=_lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (generate, completions, chat, models, ops):
+    for module in (generate, completions, chat, models, tokenizer, ops):
         app.include_router(module.router)
     # The last added runs first: the API key is checked before any of the body is read.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes,

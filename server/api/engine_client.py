@@ -84,6 +84,16 @@ class EngineClient:
                               f"{self.max_model_len} tokens", "messages")
         return Prompt(await self._off_loop(render_chat, self.tokenizer, messages))
 
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text as the prompt paths make them (or without special tokens), for
+        /tokenize; on the worker thread, with no length limit (counting is the point)."""
+        def encode() -> list[int]:
+            try:
+                return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
+            except Exception as exc:
+                raise bad_request(f"prompt: could not be tokenized: {type(exc).__name__}: {exc}", "prompt") from None
+        return await self._off_loop(encode) if text else []
+
     def _check_text(self, text: str) -> None:
         if not text:
             raise bad_request("prompt: must not be empty", "prompt")

@@ -2,7 +2,7 @@
 /generate) availability, and an honest end for requests still running when uvicorn cancels them.
 
 With `api_key` set, every path needs `Authorization: Bearer KEY` (the scheme in any case) except
-/health, which probes call without secrets, and /metrics unless `metrics_require_api_key` is set
+/health, /ping and /version, which probes call without secrets, and /metrics unless `metrics_require_api_key` is set
 (Prometheus scrapes without credentials by default, as with vLLM). /docs, /redoc and /openapi.json
 need the key: they are the map of an API that a client without the key cannot call anyway.
 
@@ -24,7 +24,7 @@ from server.api.errors import error_body, error_response
 
 logger = logging.getLogger(__name__)
 
-ALWAYS_OPEN = frozenset({"/health"})
+ALWAYS_OPEN = frozenset({"/health", "/ping", "/version"})  # probes and version checks carry no secrets
 SSE_DONE = b"data: [DONE]\n\n"
 
 

@@ -1,4 +1,4 @@
-"""GET /v1/models: the one model this server serves."""
+"""GET /v1/models and GET /v1/models/{id}: the one model this server serves."""
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -13,3 +13,9 @@ router = APIRouter(route_class=CheckedRoute)
 @router.get("/v1/models")
 async def list_models(ctx: Context) -> ModelList:
     return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.client.max_model_len)])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, ctx: Context) -> ModelCard:
+    ctx.check_model(model_id)  # 404 for any other name, as OpenAI's models.retrieve gets
+    return ModelCard(id=ctx.model_name, max_model_len=ctx.client.max_model_len)

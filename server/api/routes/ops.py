@@ -1,5 +1,8 @@
-"""GET /health and GET /metrics: open without an API key, for probes and Prometheus."""
+"""GET /health (and /ping, its vLLM alias), GET /version and GET /metrics: open without an API key (unless
+`metrics_require_api_key`), for probes, clients checking what they talk to, and Prometheus."""
 from __future__ import annotations
+
+import importlib.metadata
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -12,6 +15,8 @@ router = APIRouter(route_class=CheckedRoute)
 
 
 @router.get("/health")
+@router.get("/ping")
+@router.post("/ping")
 async def health(ctx: Context) -> JSONResponse:
     if not ctx.engine.is_alive:
         return JSONResponse({"status": "engine not running"}, status_code=503)
@@ -19,6 +24,18 @@ async def health(ctx: Context) -> JSONResponse:
     if ctx.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": _package_version()})
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("kvsplice")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 @router.get("/metrics")

@@ -1,0 +1,70 @@
+"""vLLM's tokenizer and housekeeping endpoints on the real server: /tokenize and /detokenize agree
+with the ids the completions endpoints feed the model, /tokenizer_info, /v1/models/{id}, /version, /ping."""
+from __future__ import annotations
+
+import httpx
+from openai import NotFoundError, OpenAI
+
+from tests.test_server_api import MODEL, TIMEOUT, post
+
+TEXT = "Once upon a time, in a land far away"
+
+
+def test_tokenize_matches_the_prompt_the_model_gets(server):
+    r = post(server, "/tokenize", {"prompt": TEXT, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    usage = post(server, "/v1/completions", {"model": MODEL, "prompt": TEXT, "max_tokens": 1}).json()["usage"]
+    assert body["count"] == len(body["tokens"]) == usage["prompt_tokens"]
+    assert body["max_model_len"] > 0 and len(body["token_strs"]) == body["count"]
+    plain = post(server, "/tokenize", {"prompt": TEXT, "add_special_tokens": False}).json()
+    assert plain["count"] <= body["count"] and body["tokens"][-plain["count"]:] == plain["tokens"]
+    back = post(server, "/detokenize", {"model": MODEL, "tokens": plain["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"].strip() == TEXT
+
+
+def test_tokenize_chat_messages_as_the_chat_endpoint_does(server):
+    messages = [{"role": "user", "content": "Say hello."}]
+    body = post(server, "/tokenize", {"messages": messages}).json()
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1}).json()
+    assert body["count"] == chat["usage"]["prompt_tokens"]
+
+
+def test_bad_tokenizer_requests_are_named_400s_and_404s(server):
+    cases = [
+        ({}, "exactly one of prompt and messages"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one of prompt and messages"),
+        ({"prompt": "a", "bogus": 1}, "bogus"),
+    ]
+    for body, words in cases:
+        r = post(server, "/tokenize", body)
+        assert r.status_code == 400 and words in r.text, (body, r.text)
+    r = post(server, "/detokenize", {"tokens": [10 ** 9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = post(server, "/tokenize", {"model": "not-this-one", "prompt": "a"})
+    assert r.status_code == 404 and "not-this-one" in r.text
+
+
+def test_tokenizer_info_describes_the_tokenizer(server):
+    info = httpx.get(server.base_url + "/tokenizer_info", timeout=TIMEOUT).json()
+    assert info["vocab_size"] > 0 and info["model_max_length"] > 0 and info["tokenizer_class"]
+    assert info["eos_token"] is not None and isinstance(info["eos_token_id"], int)
+
+
+def test_models_retrieve_version_and_ping(server):
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    assert client.models.retrieve(MODEL).id == MODEL
+    try:
+        client.models.retrieve("someone/else")
+        raise AssertionError("an unknown model must be a 404")
+    except NotFoundError as exc:
+        assert "someone/else" in str(exc)
+    version = httpx.get(server.base_url + "/version", timeout=TIMEOUT).json()["version"]
+    assert version and version != "unknown"
+    assert httpx.get(server.base_url + "/ping", timeout=TIMEOUT).status_code == 200
+    assert httpx.post(server.base_url + "/ping", timeout=TIMEOUT).status_code == 200
+
+
+def test_serve_takes_the_model_as_its_argument(server_factory):
+    running = server_factory("builtin", "--served-model-name", "by-argument")
+    assert httpx.get(running.base_url + "/v1/models/by-argument", timeout=TIMEOUT).status_code == 200
