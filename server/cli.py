@@ -51,9 +51,16 @@ def add_serve(subparsers) -> None:
         common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field)}
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif name == "served_model_name":  # vLLM's `--served-model-name A B`
+            parser.add_argument(flag, nargs="+", **common)
         else:
             # Values stay text: the settings model converts and validates them with field-named errors.
             parser.add_argument(flag, **common, **_choices_metavar(field))
+    vllm = parser.add_argument_group("vLLM's names for settings above")
+    vllm.add_argument("--enforce-eager", dest="cuda_graphs", action="store_const", const=False,
+                      default=argparse.SUPPRESS, help="no CUDA graphs (the same as --no-cuda-graphs)")
+    vllm.add_argument("--kv-cache-memory-bytes", dest="kv_cache_bytes", default=argparse.SUPPRESS,
+                      help="the KV budget (the same as --kv-cache-bytes)")
     parser.set_defaults(func=run_serve)
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from server.engine.config import EngineConfig
 
@@ -101,12 +101,15 @@ class Settings(BaseSettings):
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="auto: the checkpoint's weights; dummy: seeded random weights of the model's shape "
                             "(for speed and capacity tests: speed does not depend on the values)")
-    served_model_name: str | None = Field(None, description="name clients use in 'model' (default: the model's name)")
+    served_model_name: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="names clients may use in 'model', the first reported in responses (default: the "
+                          "model's name); in env and files comma-separated")
     trust_remote_code: bool = Field(False, description="allow custom model code from the model repo")
     seed: Annotated[int, AfterValidator(_in_seed_range)] = Field(
         0, description="seeds the data-free orthogonal splices and dummy weights (requests seed their own sampling)")
     # How to run it.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float", "half"] = Field(
+        "auto", description="weights and KV dtype (vLLM's float and half are float32 and float16)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of a prompt prefix already in the cache (vLLM's default)")
@@ -154,6 +157,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
     drain_timeout_s: Annotated[float, _at_least(0)] = Field(
         30.0, description="on SIGTERM, how long in-flight requests may take to finish (then they get 503)")
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",")]
+        if isinstance(value, list) and not all(isinstance(n, str) and n for n in value):
+            raise ValueError("names must be non-empty strings")
+        return value or None
+
+    @field_validator("dtype", mode="after")
+    @classmethod
+    def _dtype_name(cls, value: str) -> str:
+        return {"float": "float32", "half": "float16"}.get(value, value)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -50,7 +50,7 @@ def test_config_file_named_by_env(tmp_path, monkeypatch):
     config = tmp_path / "serve.yml"
     config.write_text("served_model_name: from-file\n")
     monkeypatch.setenv("KVSPLICE_CONFIG", str(config))
-    assert load_settings().served_model_name == "from-file"
+    assert load_settings().served_model_name == ["from-file"]
 
 
 def test_every_engine_setting_can_be_set():
@@ -141,3 +141,16 @@ def test_cli_flags_reach_the_settings(monkeypatch):
     monkeypatch.setattr(cli, "load_settings", record_and_stop)
     assert cli.main(["serve", "--compression-ratio", "0.5", "--no-trust-remote-code", "--port", "1234"]) == 2
     assert seen == {"compression_ratio": "0.5", "trust_remote_code": False, "port": "1234"}
+
+
+def test_vllm_names_of_settings():
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--enforce-eager", "--kv-cache-memory-bytes", "2GiB",
+                                      "--dtype", "half", "--served-model-name", "a", "b"])
+    flags = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    settings = Settings(**flags)
+    assert settings.cuda_graphs is False and settings.kv_cache_bytes == 2 << 30 and settings.dtype == "float16"
+    assert settings.served_model_name == ["a", "b"]
+    assert Settings(dtype="float").dtype == "float32"
+    assert Settings(served_model_name="x, y").served_model_name == ["x", "y"]

@@ -65,6 +65,10 @@ def test_models_retrieve_version_and_ping(server):
     assert httpx.post(server.base_url + "/ping", timeout=TIMEOUT).status_code == 200
 
 
-def test_serve_takes_the_model_as_its_argument(server_factory):
-    running = server_factory("builtin", "--served-model-name", "by-argument")
-    assert httpx.get(running.base_url + "/v1/models/by-argument", timeout=TIMEOUT).status_code == 200
+def test_serve_takes_the_model_as_its_argument_and_several_names(server_factory):
+    running = server_factory("builtin", "--served-model-name", "by-argument", "second")
+    models = httpx.get(running.base_url + "/v1/models", timeout=TIMEOUT).json()["data"]
+    assert [m["id"] for m in models] == ["by-argument", "second"]
+    assert httpx.get(running.base_url + "/v1/models/second", timeout=TIMEOUT).json()["id"] == "second"
+    r = post(running, "/v1/completions", {"model": "second", "prompt": "a", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == "by-argument"  # responses name the first

@@ -20,11 +20,12 @@ from server.settings import Settings
 
 def build_app(engine, settings: Settings) -> FastAPI:
     """An app serving `engine` (constructed, not yet started: the app's lifespan starts and stops it)."""
-    model_name = settings.served_model_name or engine.model_name
+    names = settings.served_model_name or [engine.model_name]
+    model_name = names[0]
     metrics = ServerMetrics(engine, model_name)
     client = EngineClient(engine, metrics, settings.max_num_seqs, settings.max_waiting_requests)
     ctx = ServerContext(engine=engine, settings=settings, client=client, metrics=metrics,
-                        model_name=model_name, token_text=TokenText(engine.tokenizer))
+                        model_name=model_name, model_names=tuple(names), token_text=TokenText(engine.tokenizer))
 
     app = FastAPI(title="kvsplice", summary="DeepSeek-V2 serving with a KVSplice-compressed MLA cache",
                   lifespan=_lifespan)

@@ -19,14 +19,15 @@ class ServerContext:
     settings: Settings
     client: EngineClient
     metrics: ServerMetrics
-    model_name: str  # the name clients send as `model`
+    model_name: str  # the name responses report as `model`: the first served name
+    model_names: tuple[str, ...]  # every name clients may send as `model`
     token_text: TokenText
     draining: bool = False  # set on SIGTERM: refuse new work, let in-flight requests finish
     cut_requests: int = 0  # requests ended by the drain timeout instead of finishing
 
     def check_model(self, requested: str | None) -> None:
         """OpenAI clients always name a model; a wrong name is a 404, as with OpenAI."""
-        if requested is not None and requested not in (self.model_name, self.engine.model_name):
+        if requested is not None and requested not in (*self.model_names, self.engine.model_name):
             raise APIError(404, f"model {requested!r} is not served here; this server serves {self.model_name!r}",
                            "model")
 

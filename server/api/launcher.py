@@ -90,7 +90,7 @@ def _is_loopback(host: str) -> bool:
 
 def log_capacity(engine, settings: Settings) -> None:
     stats = engine.stats()
-    model_name = settings.served_model_name or engine.model_name
+    model_name = (settings.served_model_name or [engine.model_name])[0]
     sequences = stats.kv_capacity_tokens / engine.max_model_len
     logger.info("model %s (%s), compression_ratio %g", model_name, settings.model, stats.compression_ratio)
     logger.info("KV cache: %d bytes per token, capacity %d tokens = %.1f sequences of max_model_len %d "

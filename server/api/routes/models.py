@@ -12,10 +12,10 @@ router = APIRouter(route_class=CheckedRoute)
 
 @router.get("/v1/models")
 async def list_models(ctx: Context) -> ModelList:
-    return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.client.max_model_len)])
+    return ModelList(data=[ModelCard(id=name, max_model_len=ctx.client.max_model_len) for name in ctx.model_names])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, ctx: Context) -> ModelCard:
     ctx.check_model(model_id)  # 404 for any other name, as OpenAI's models.retrieve gets
-    return ModelCard(id=ctx.model_name, max_model_len=ctx.client.max_model_len)
+    return ModelCard(id=model_id, max_model_len=ctx.client.max_model_len)
