@@ -76,3 +76,14 @@ def test_a_failing_row_fails_alone():
     tokens, _, failed = sample(logits, [work(params), work(params)], [torch.Generator().manual_seed(0)] * 2, set())
     assert list(failed) == [1] and "sampling failed" in failed[1]
     assert 0 <= tokens[0] < LOGITS.numel()
+
+
+def test_logit_bias_moves_the_choice():
+    forced = SamplingParams(temperature=0.0, logit_bias={4: 100.0})
+    (token,), _, _ = sample(LOGITS[None].clone(), [work(forced)], [None], set())
+    assert token == 4
+    banned = SamplingParams(temperature=0.0, logit_bias={0: -100.0}, logprobs=1)
+    (token,), (record,), _ = sample(LOGITS[None].clone(), [work(banned)], [None], set())
+    assert token == 1
+    # Log-probabilities stay the model's own, as in vLLM (raw log-probs).
+    assert abs(record.logprob - float(torch.log_softmax(LOGITS, 0)[1])) < 1e-6

@@ -72,3 +72,22 @@ def test_serve_takes_the_model_as_its_argument_and_several_names(server_factory)
     assert httpx.get(running.base_url + "/v1/models/second", timeout=TIMEOUT).json()["id"] == "second"
     r = post(running, "/v1/completions", {"model": "second", "prompt": "a", "max_tokens": 1})
     assert r.status_code == 200 and r.json()["model"] == "by-argument"  # responses name the first
+
+
+def test_logit_bias_and_response_format(server):
+    forced = post(server, "/tokenize", {"prompt": " the", "add_special_tokens": False}).json()["tokens"][-1]
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {str(forced): 100}}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
+    ids = post(server, "/tokenize", {"prompt": r.json()["choices"][0]["text"], "add_special_tokens": False}).json()
+    assert set(ids["tokens"]) == {forced}
+    for extra, param in [({"logit_bias": {"10000000": 5}}, "logit_bias"), ({"logit_bias": {"x": 5}}, "logit_bias"),
+                         ({"logit_bias": {"5": 500}}, "logit_bias"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")]:
+        r = post(server, "/v1/completions", {**body, **extra})
+        assert r.status_code == 400 and param in r.text, (extra, r.text)
+    ok = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 2, "response_format": {"type": "text"}})
+    assert ok.status_code == 200, ok.text

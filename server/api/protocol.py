@@ -123,8 +123,9 @@ class OpenAISampling(BaseModel):
     # Accepted so that clients sending the neutral value work; any other value is refused below.
     presence_penalty: FiniteFloat | None = None
     frequency_penalty: FiniteFloat | None = None
-    logit_bias: dict[str, FiniteFloat] | None = None
+    logit_bias: dict[str, FiniteFloat] | None = None  # OpenAI's: token id (as a string) -> bias
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAISampling:
@@ -134,8 +135,10 @@ class OpenAISampling(BaseModel):
             raise ValueError("best_of: only best_of=1 is supported")
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty / frequency_penalty: not supported (use 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
+        if self.logit_bias and not all(key.isdigit() for key in self.logit_bias):
+            raise ValueError("logit_bias: keys must be token ids")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported (no JSON mode yet)")
         return self
 
     @property
@@ -149,6 +152,7 @@ class OpenAISampling(BaseModel):
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "top_k": -1 if self.top_k is None else self.top_k,
             "min_tokens": self.min_tokens, "stop": self.stop or [], "seed": self.seed, "ignore_eos": self.ignore_eos,
+            "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
         }
 
 

@@ -89,6 +89,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self.check_fits(len(ids), params.max_tokens)
+        if any(t >= self.hf_config.vocab_size for t in params.logit_bias):
+            raise PromptRejected(f"logit_bias: token ids must be in [0, {self.hf_config.vocab_size})", "logit_bias")
         self.outputs.add(request_id, ids, params)
         self.core.add(Sequence(request_id, list(ids), params))
 

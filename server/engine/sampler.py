@@ -119,7 +119,7 @@ def enqueue(logits: Tensor, work: list[SeqWork], generators: list[torch.Generato
     """Issue the batch's sampling on the device; nothing here waits for the device."""
     num_top = max((w.params.logprobs for w in work if w.params.logprobs is not None), default=None)
     logprobs = torch.log_softmax(logits, dim=-1) if num_top is not None else None  # skipped on the common path
-    logits = _block_early_stop(logits, work, eos_token_ids)
+    logits = _adjust_logits(logits, work, eos_token_ids)
     tokens = logits.argmax(dim=-1)
     random = [i for i, w in enumerate(work) if not w.params.greedy]
     if random:
@@ -147,13 +147,18 @@ def _why(exc: Exception) -> str:
     return f"sampling failed: {type(exc).__name__}: {exc}"
 
 
-def _block_early_stop(logits: Tensor, work: list[SeqWork], eos_token_ids: set[int]) -> Tensor:
-    """Until min_tokens are out, EOS and stop tokens cannot be drawn."""
-    rows = [i for i, w in enumerate(work) if w.num_output_tokens < w.params.min_tokens]
-    if not rows:
+def _adjust_logits(logits: Tensor, work: list[SeqWork], eos_token_ids: set[int]) -> Tensor:
+    """Each row's logit_bias added; until min_tokens are out, EOS and stop tokens cannot be drawn."""
+    biased = [i for i, w in enumerate(work) if w.params.logit_bias]
+    held = [i for i, w in enumerate(work) if w.num_output_tokens < w.params.min_tokens]
+    if not biased and not held:
         return logits
     logits = logits.clone()
-    for i in rows:
+    for i in biased:
+        bias = work[i].params.logit_bias
+        ids = to_device(list(bias), logits.device, torch.long)
+        logits[i, ids] += to_device(list(bias.values()), logits.device, logits.dtype)
+    for i in held:
         params = work[i].params
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
         if banned:

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 # Below this temperature sampling is greedy (vLLM's convention): dividing logits by a tiny
 # temperature overflows float32 to inf, and the softmax of that is NaN.
 GREEDY_TEMPERATURE = 1e-5
@@ -27,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None
     # Same for the prompt tokens (OpenAI `echo` + `logprobs`); None: none.
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks on random weights); stop strings need it
 
@@ -62,6 +64,9 @@ class SamplingParams:
                 f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 and _finite(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in self.logit_bias.items()),
+             f"logit_bias must map token ids to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
             (self.detokenize or not self.stop, "stop strings need detokenize=True"),
         ]
         return [message for ok, message in checks if not ok]
