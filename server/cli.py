@@ -61,6 +61,8 @@ def add_serve(subparsers) -> None:
                       default=argparse.SUPPRESS, help="no CUDA graphs (the same as --no-cuda-graphs)")
     vllm.add_argument("--kv-cache-memory-bytes", dest="kv_cache_bytes", default=argparse.SUPPRESS,
                       help="the KV budget (the same as --kv-cache-bytes)")
+    vllm.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_const", const=False,
+                      default=argparse.SUPPRESS, help="no line per request (the same as --no-enable-log-requests)")
     parser.set_defaults(func=run_serve)
 
 

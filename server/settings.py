@@ -154,6 +154,8 @@ class Settings(BaseSettings):
         10.0, description="a connection whose request headers are not complete in this time is closed (408)")
     request_body_timeout_s: Annotated[float, _at_least(0.1)] = Field(
         30.0, description="a request body not received in full within this time gets 408")
+    enable_log_requests: bool = Field(
+        True, description="log one info line per finished request (id, finish reason, tokens, TTFT, latency)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
     drain_timeout_s: Annotated[float, _at_least(0)] = Field(
         30.0, description="on SIGTERM, how long in-flight requests may take to finish (then they get 503)")

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from server.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("kvsplice.requests")
 
 MODEL_LABEL = "model_name"
 
@@ -85,8 +86,9 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """The app's registry: engine snapshot series plus per-request latency and size histograms."""
 
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine, model_name: str, log_requests: bool = True):
         self.model_name = model_name
+        self.log_requests = log_requests  # one info line per finished request
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine, model_name))
 
@@ -167,6 +169,12 @@ class RequestTracker:
             m.request_queue_time.observe(max(0.0, times.first_scheduled - arrival))
         m.request_prompt_tokens.observe(len(out.prompt_token_ids))
         m.request_generation_tokens.observe(len(out.token_ids))
+        if m.log_requests:
+            first = times.first_token if times and times.first_token else None
+            request_log.info("request %s finished (%s): %d prompt + %d generated tokens, TTFT %s, e2e %.3f s, "
+                             "%d preemptions", out.request_id, out.finish_reason or "stop", len(out.prompt_token_ids),
+                             len(out.token_ids), "-" if first is None else f"{first - arrival:.3f} s",
+                             max(0.0, now - arrival), out.num_preemptions)
 
     def _arrival(self, out: RequestOutput) -> float:
         return out.times.arrival if out.times and out.times.arrival else self._submitted

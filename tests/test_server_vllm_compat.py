@@ -1,6 +1,9 @@
-"""vLLM's tokenizer and housekeeping endpoints on the real server: /tokenize and /detokenize agree
-with the ids the completions endpoints feed the model, /tokenizer_info, /v1/models/{id}, /version, /ping."""
+"""What a vLLM user expects of the real server: /tokenize and /detokenize agree with the ids the
+completions endpoints feed the model, /tokenizer_info, /v1/models/{id}, /version, /ping, `serve MODEL`
+with several served names, logit_bias, response_format, and a log line per request."""
 from __future__ import annotations
+
+import signal
 
 import httpx
 from openai import NotFoundError, OpenAI
@@ -91,3 +94,20 @@ def test_logit_bias_and_response_format(server):
     ok = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                "max_tokens": 2, "response_format": {"type": "text"}})
     assert ok.status_code == 200, ok.text
+
+
+def test_each_finished_request_gets_a_log_line_unless_disabled(server_factory):
+    def finish_one(running) -> str:
+        r = post(running, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200
+        return r.json()["id"]
+
+    logged = server_factory()
+    finish_one(logged)
+    quiet = server_factory("--disable-log-requests")
+    finish_one(quiet)
+    for running in (logged, quiet):
+        running.process.send_signal(signal.SIGTERM)
+        running.process.wait(timeout=TIMEOUT)
+    assert "finished (length): 2 prompt + 3 generated tokens" in logged.log()
+    assert "finished (" not in quiet.log()
