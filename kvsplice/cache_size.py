@@ -21,6 +21,10 @@ class KVCacheSize:
     seq_len: int
     compression_ratio: float  # as asked for (the layout's code_dim is what it gives)
 
+    @property
+    def kv_cache_dtype(self) -> str:
+        return self.layout.kv_cache_dtype
+
     def __getattr__(self, name: str):
         # num_layers, code_dim, bytes_per_token, ...: the layout answers for one token.
         if name == "layout":
@@ -44,7 +48,7 @@ class KVCacheSize:
         return dict(
             num_layers=lay.num_layers, latent_dim=lay.latent_dim, code_dim=lay.code_dim, rope_dim=lay.rope_dim,
             dtype_bytes=lay.bytes_per_value, batch_size=self.batch_size, seq_len=self.seq_len,
-            compression_ratio=self.compression_ratio, code_bytes_per_token=lay.code_bytes_per_token,
+            compression_ratio=self.compression_ratio, kv_cache_dtype=lay.kv_cache_dtype, code_bytes_per_token=lay.code_bytes_per_token,
             rope_bytes_per_token=lay.rope_bytes_per_token, bytes_per_token=lay.bytes_per_token,
             total_bytes=self.total_bytes,
         )
@@ -56,9 +60,12 @@ def get_kv_cache_size(
     seq_len: int = 1,
     compression_ratio: float = 1.0,
     dtype: torch.dtype = torch.bfloat16,
+    kv_cache_dtype: str = "auto",
 ) -> KVCacheSize:
-    """Breakdown of the cache for `batch_size` sequences of `seq_len` tokens at a compression ratio."""
-    return KVCacheSize(CacheLayout.for_ratio(config, compression_ratio, dtype), batch_size, seq_len, compression_ratio)
+    """Breakdown of the cache for `batch_size` sequences of `seq_len` tokens at a compression ratio,
+    stored in the model `dtype` or, with kv_cache_dtype fp8*, as an fp8 code with per-token scales."""
+    layout = CacheLayout.for_ratio(config, compression_ratio, dtype, kv_cache_dtype=kv_cache_dtype)
+    return KVCacheSize(layout, batch_size, seq_len, compression_ratio)
 
 
 def measure_cache_bytes(cache) -> int:
@@ -78,9 +85,10 @@ def format_breakdown(sizes: list[KVCacheSize]) -> str:
     base = sizes[0].bytes_per_token
     rows = [
         ("compression ratio", lambda s: f"{s.compression_ratio}"),
+        ("cache dtype (code)", lambda s: s.kv_cache_dtype if s.layout.quantized else str(s.layout.dtype)[6:]),
         ("stored code dims (of kv_lora_rank)", lambda s: f"{s.code_dim} of {s.latent_dim}"),
         ("RoPE key dims (stored as is)", lambda s: f"{s.rope_dim}"),
-        ("code bytes per token", lambda s: f"{s.code_bytes_per_token:,}"),
+        ("code (+ fp8 scale) bytes per token", lambda s: f"{s.code_bytes_per_token:,}"),
         ("RoPE bytes per token", lambda s: f"{s.rope_bytes_per_token:,}"),
         ("KV bytes per token", lambda s: f"{s.bytes_per_token:,}"),
         (f"KV cache, {sizes[0].batch_size} x {sizes[0].seq_len} tokens", lambda s: f"{s.total_bytes / gib:,.3f} GiB"),
@@ -91,5 +99,5 @@ def format_breakdown(sizes: list[KVCacheSize]) -> str:
     col_width = max(len(c) for row in cols for c in row)
     lines = [f"{name:<{width}}  " + "  ".join(f"{c:>{col_width}}" for c in row) for (name, _), row in zip(rows, cols)]
     head = sizes[0]
-    lines.insert(0, f"{head.num_layers} layers, {head.dtype_bytes} bytes per value")
+    lines.insert(0, f"{head.num_layers} layers, {head.dtype_bytes} bytes per model-dtype value")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kvsplice.cache_size import format_breakdown, get_kv_cache_size
+from kvsplice.kv_quant import KV_CACHE_DTYPES
 from kvsplice.model_source import ModelNotFound, load_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,6 +45,14 @@ def ratio_list(text: str) -> list[float]:
     return [ratio(part) for part in text.split(",") if part.strip()]
 
 
+def kv_dtype_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in KV_CACHE_DTYPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(KV_CACHE_DTYPES)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def add_estimate(subparsers) -> None:
     p = subparsers.add_parser("estimate", help="KV cache bytes per token and in total, by compression ratio")
     p.add_argument("--model-config", default="deepseek-v2-lite",
@@ -53,6 +62,9 @@ def add_estimate(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seq-len", type=positive_int, default=4096)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--kv-cache-dtype", type=kv_dtype_list, default=["auto"],
+                   help="cache storage, one or a comma list: auto/bf16 (the --dtype), fp8 (= fp8_e4m3), fp8_e5m2; "
+                        "every ratio is shown with every one (default auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run_estimate)
 
@@ -64,15 +76,16 @@ def run_estimate(args: argparse.Namespace) -> int:
         raise SystemExit(f"kvsplice estimate: --model-config: {exc}")
     if getattr(config, "kv_lora_rank", None) is None:
         raise SystemExit(f"kvsplice estimate: --model-config: {args.model_config} is not an MLA model (no kv_lora_rank)")
-    sizes = [
-        get_kv_cache_size(config, args.batch_size, args.seq_len, r, DTYPES[args.dtype]) for r in args.compression_ratio
-    ]
+    sizes = [get_kv_cache_size(config, args.batch_size, args.seq_len, r, DTYPES[args.dtype], kv)
+             for kv in args.kv_cache_dtype for r in args.compression_ratio]
     if args.json:
         print(json.dumps([s.as_dict() for s in sizes], indent=2))
         return 0
     print(f"model config: {args.model_config}")
     print(format_breakdown(sizes))
-    print("\nbytes per token: " + " / ".join(f"{s.bytes_per_token:,} (ratio {s.compression_ratio})" for s in sizes))
+    def label(s) -> str:
+        return f"ratio {s.compression_ratio}" + (f", {s.kv_cache_dtype}" if s.kv_cache_dtype != "auto" else "")
+    print("\nbytes per token: " + " / ".join(f"{s.bytes_per_token:,} ({label(s)})" for s in sizes))
     return 0
 
 
@@ -194,6 +207,10 @@ def add_eval(subparsers) -> None:
                         "(default truncate,pca; none when only --splices is given)")
     p.add_argument("--splices", nargs="+", action="extend", default=[], metavar="FILE",
                    help="splice files from `kvsplice calibrate` (each at its own ratio)")
+    p.add_argument("--kv-cache-dtype", type=kv_dtype_list, default=["auto"],
+                   help="cache storage(s) every variant is evaluated with, comma list: auto (the model dtype, "
+                        "unrounded), bf16 (rounded to bfloat16, as served), fp8 (= fp8_e4m3), fp8_e5m2 "
+                        "(default auto); 'bf16,fp8' gives the matched-bytes table")
     p.add_argument("--dataset", default="corpus",
                    help="wikitext (hub; offline it falls over to --text-file or the shipped held-out text), "
                         "corpus (the shipped held-out text, default) or a text file path")

@@ -1,14 +1,19 @@
 """The offline perplexity job behind `kvsplice eval`: the original model against spliced versions.
 
 One run evaluates the unpatched model once and then every (initialisation, ratio) pair and every
-splice file on the same strided windows of the same text, prints the perplexity table, and
-writes perplexity.json, perplexity.md and perplexity.png to the output directory when one is
-given. Ratio 1.0 means no splice (plain MLA) and is evaluated like the others, as a check that it
-reproduces the original exactly.
+splice file, each with every cache storage asked for (--kv-cache-dtype: unrounded, bf16, fp8), on
+the same strided windows of the same text, prints the perplexity table, and writes
+perplexity.json, perplexity.md and perplexity.png to the output directory when one is given.
+Ratio 1.0 means no splice (plain MLA) and is evaluated like the others, as a check that it
+reproduces the original exactly. Each row also gets the next-token accuracy (a second measure,
+not perplexity) and 95% bootstrap intervals over windows for both changes, paired against the
+original; with several storages, a table sorted by KV bytes per token compares them at matched
+memory.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -22,11 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvsplice.cache_size import get_kv_cache_size
+from kvsplice.cache_layout import CacheLayout
 from kvsplice.calibrate_job import build_splices, calibration_windows
 from kvsplice.patch import patch_model_with_kvsplice, unpatch_model
-from kvsplice.perplexity import PerplexityResult, encode_text, perplexity, sliding_windows
-from kvsplice.splice import rank_for_ratio
+from kvsplice.perplexity import PerplexityResult, bootstrap_change, encode_text, perplexity, sliding_windows
 from kvsplice.storage import load_splices, read_splice_metadata
 
 DEFAULT_TEST_FILE = Path(__file__).parent / "data" / "corpus" / "test.txt"
@@ -133,14 +137,22 @@ class Variant:
     ratio: float
     init: str | None = None
     splices_file: str | None = None
+    kv_cache_dtype: str = "auto"  # how the cache stores the code: auto (unrounded), bf16, fp8, fp8_e5m2
+
+    @property
+    def line(self) -> str:
+        """The label with its storage: one plot line and pivot row per (splices, storage)."""
+        return self.label if self.kv_cache_dtype == "auto" else f"{self.label}, {self.kv_cache_dtype}"
 
 
 NO_SPLICE = "no splice"
 
 
-def plan_variants(ratios: list[float], inits: list[str], splice_files: list[str]) -> list[Variant]:
-    """Every init at every ratio below 1.0, plus ratio 1.0 once (no splice, whatever the init)."""
-    variants = [Variant(NO_SPLICE, 1.0)] if inits and 1.0 in ratios else []
+def plan_variants(ratios: list[float], inits: list[str], splice_files: list[str],
+                  kv_cache_dtypes: list[str] = ("auto",)) -> list[Variant]:
+    """Every init at every ratio below 1.0, plus ratio 1.0 once (no splice, whatever the init), and
+    every splice file; each with every cache storage."""
+    variants = [Variant(NO_SPLICE, 1.0)] if (inits or len(kv_cache_dtypes) > 1) and 1.0 in ratios else []
     variants += [Variant(init, r, init=init) for init in inits for r in ratios if r < 1.0]
     files = [(str(path), read_splice_metadata(path)) for path in splice_files]
     # A file is labelled by its init ("learned", ...), so files at several ratios form one line; the
@@ -151,23 +163,33 @@ def plan_variants(ratios: list[float], inits: list[str], splice_files: list[str]
         clash = keys.count(key) > 1 or key in taken
         label = f"{meta['init']} ({Path(path).name})" if clash else meta["init"]
         variants.append(Variant(label, key[1], splices_file=path))
-    return variants
+    return [dataclasses.replace(v, kv_cache_dtype=kv) for kv in kv_cache_dtypes for v in variants]
 
 
-def splices_for(model: nn.Module, variant: Variant, calib: torch.Tensor | None, batch_size: int):
-    """The splices of a variant, or None for "no splice" (ratio 1.0 with an initialisation)."""
-    if variant.splices_file:
-        return load_splices(variant.splices_file, model)
-    if variant.init is None:
-        return None  # KVSplice defines ratio 1.0 as plain MLA: nothing to patch
-    return build_splices(model, variant.ratio, variant.init, calib, batch_size)
+class SpliceCache:
+    """Each variant's splices, built once however many storages it is evaluated with."""
+
+    def __init__(self, model: nn.Module, calib: torch.Tensor | None, batch_size: int) -> None:
+        self.model, self.calib, self.batch_size = model, calib, batch_size
+        self._built: dict[tuple, list | None] = {}
+
+    def get(self, variant: Variant):
+        """The splices of a variant, or None for "no splice" (ratio 1.0 with an initialisation)."""
+        key = (variant.splices_file, variant.init, variant.ratio)
+        if key not in self._built:
+            if variant.splices_file:
+                self._built[key] = load_splices(variant.splices_file, self.model)
+            elif variant.init is None:
+                self._built[key] = None  # KVSplice defines ratio 1.0 as plain MLA: nothing to patch
+            else:
+                self._built[key] = build_splices(self.model, variant.ratio, variant.init, self.calib, self.batch_size)
+        return self._built[key]
 
 
-def evaluate_variant(model, ids, windows, variant, calib, batch_size) -> PerplexityResult:
-    splices = splices_for(model, variant, calib, batch_size)
-    patch_model_with_kvsplice(model, variant.ratio, splices=splices)
+def evaluate_variant(model, ids, windows, variant, splices: SpliceCache, batch_size) -> PerplexityResult:
+    patch_model_with_kvsplice(model, variant.ratio, splices=splices.get(variant), kv_cache_dtype=variant.kv_cache_dtype)
     try:
-        return perplexity(model, ids, windows, batch_size, desc=f"{variant.label} @ {variant.ratio}")
+        return perplexity(model, ids, windows, batch_size, desc=f"{variant.line} @ {variant.ratio}")
     finally:
         unpatch_model(model)
 
@@ -175,12 +197,15 @@ def evaluate_variant(model, ids, windows, variant, calib, batch_size) -> Perplex
 def evaluate_all(model, ids, windows, variants, calib, batch_size) -> tuple[PerplexityResult, list[dict]]:
     """The original model, then every variant, on the same windows."""
     original = perplexity(model, ids, windows, batch_size, desc="original")
+    splices = SpliceCache(model, calib, batch_size)
     rows = []
     for variant in variants:
-        result = evaluate_variant(model, ids, windows, variant, calib, batch_size)
+        result = evaluate_variant(model, ids, windows, variant, splices, batch_size)
         rows.append(_row(model.config, variant, result, original))
-        print(f"  {variant.label:<28} ratio {variant.ratio:<5} ppl {result.perplexity:10.4f}  "
-              f"({rows[-1]['degradation_pct']:+.2f}%)", flush=True)
+        r = rows[-1]
+        print(f"  {variant.line:<28} ratio {variant.ratio:<5} ppl {result.perplexity:10.4f}  "
+              f"({r['degradation_pct']:+.2f}% [{r['ci95_pct'][0]:+.2f}, {r['ci95_pct'][1]:+.2f}]), "
+              f"accuracy {100 * result.accuracy:.2f}%", flush=True)
     return original, rows
 
 
@@ -197,7 +222,7 @@ def run_eval(args: argparse.Namespace) -> int:
     text = load_eval_text(args.dataset, args.text_file)
     ids = encode_text(tokenizer, text.text)
     windows = sliding_windows(len(ids), args.window, args.stride, args.samples or None)
-    variants = plan_variants(args.ratios, args.inits, args.splices)
+    variants = plan_variants(args.ratios, args.inits, args.splices, getattr(args, "kv_cache_dtype", ["auto"]))
     calib = None
     if any(v.init == "pca" and v.ratio < 1.0 for v in variants):
         calib_path = Path(args.calib_file)
@@ -233,13 +258,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _row(config, variant: Variant, result: PerplexityResult, original: PerplexityResult) -> dict:
-    rank = rank_for_ratio(config.kv_lora_rank, variant.ratio)
+    # Bytes as served: a bf16 model's cache, the code in bf16 (auto and bf16) or fp8.
+    served = "auto" if variant.kv_cache_dtype in ("auto", "bf16") else variant.kv_cache_dtype
+    layout = CacheLayout.for_ratio(config, variant.ratio, torch.bfloat16, kv_cache_dtype=served)
+    ci = bootstrap_change(result, original)
     return {
-        "label": variant.label, "init": variant.init, "splices_file": variant.splices_file,
-        "compression_ratio": variant.ratio, "rank": rank,
-        "kv_bytes_per_token_bf16": get_kv_cache_size(config, compression_ratio=variant.ratio).bytes_per_token,
+        "label": variant.label, "line": variant.line, "init": variant.init, "splices_file": variant.splices_file,
+        "compression_ratio": variant.ratio, "rank": layout.code_dim, "kv_cache_dtype": variant.kv_cache_dtype,
+        "kv_bytes_per_token": layout.bytes_per_token,
         "perplexity": result.perplexity, "mean_nll": result.mean_nll, "tokens": result.tokens,
-        "degradation_pct": 100.0 * (result.perplexity / original.perplexity - 1.0),
+        "degradation_pct": 100.0 * (result.perplexity / original.perplexity - 1.0), "ci95_pct": ci["perplexity_pct"],
+        "accuracy": result.accuracy, "accuracy_change_pts": 100.0 * (result.accuracy - original.accuracy),
+        "ci95_accuracy_pts": ci["accuracy_pts"],
     }
 
 
@@ -270,14 +300,22 @@ def markdown(report: dict) -> str:
         f"Text: {report['text']['source']} ({report['scored_tokens']:,} scored tokens, {report['windows']} windows of "
         f"{report['window']} tokens, stride {report['stride']}). {report['text']['note']}".rstrip(),
         "",
-        f"Original (no splice): perplexity **{o['perplexity']:.4f}** (mean NLL {o['mean_nll']:.5f}).",
+        f"Original (no splice, unrounded cache): perplexity **{o['perplexity']:.4f}** (mean NLL {o['mean_nll']:.5f}), "
+        f"next-token accuracy {100 * o['accuracy']:.2f}%. Intervals: 95%, bootstrap over windows, paired with the "
+        "original. KV bytes per token as served (bf16 model; auto counts as bf16).",
         "",
-        "| splices | ratio | rank | KV bytes/token (bf16) | perplexity | vs original |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| splices | ratio | rank | cache | KV bytes/token | perplexity | vs original [95% CI] | next-token acc. "
+        "| vs original, points [95% CI] |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['label']} | {r['compression_ratio']} | {r['rank']} | {r['kv_bytes_per_token_bf16']:,} | "
-                     f"{r['perplexity']:.4f} | {r['degradation_pct']:+.2f}% |")
+        lines.append(_result_line(r, with_ratio=True))
+    if len({r.get("kv_cache_dtype", "auto") for r in report["results"]}) > 1:
+        lines += ["", "At matched memory (sorted by KV bytes per token):", "",
+                  "| KV bytes/token | splices | ratio | cache | perplexity | vs original [95% CI] | next-token acc. "
+                  "| vs original, points [95% CI] |", "|---:|---|---:|---|---:|---:|---:|---:|"]
+        for r in sorted(report["results"], key=lambda r: -r["kv_bytes_per_token"]):
+            lines.append(_result_line(r, with_ratio=False))
     lines += ["", *pivot_table(report)]
     lines += ["", f"Command: `{report['command']}`" if report["command"] else "",
               f"Device {report['device']}, {report['dtype']}, " +
@@ -285,21 +323,49 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _result_line(r: dict, with_ratio: bool) -> str:
+    ci, acc_ci = r.get("ci95_pct"), r.get("ci95_accuracy_pts")
+    change = f"{r['degradation_pct']:+.2f}%" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+    acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else ""
+    acc_change = f"{r['accuracy_change_pts']:+.2f} [{acc_ci[0]:+.2f}, {acc_ci[1]:+.2f}]" if acc_ci else ""
+    cache = r.get("kv_cache_dtype", "auto")
+    if with_ratio:
+        head = f"| {r['label']} | {r['compression_ratio']} | {r['rank']} | {cache} | {r['kv_bytes_per_token']:,} "
+    else:
+        head = f"| {r['kv_bytes_per_token']:,} | {r['label']} | {r['compression_ratio']} | {cache} "
+    return head + f"| {r['perplexity']:.4f} | {change} | {acc} | {acc_change} |"
+
+
+def _lines(report: dict) -> dict[str, dict[float, dict]]:
+    """Results by line (splices and storage) and ratio; a line's ratio 1.0 is the no-splice row of
+    its storage, or the original where there is none."""
+    ones = {r.get("line", r["label"]).removeprefix(NO_SPLICE).lstrip(", "): r
+            for r in report["results"] if r["label"] == NO_SPLICE}
+    original = dict(report["original"], degradation_pct=0.0)
+    lines: dict[str, dict[float, dict]] = {}
+    for r in report["results"]:
+        if r["label"] == NO_SPLICE:
+            continue
+        line = r.get("line", r["label"])
+        storage = r.get("kv_cache_dtype", "auto")
+        lines.setdefault(line, {1.0: ones.get("" if storage == "auto" else storage, original)})
+        lines[line][r["compression_ratio"]] = r
+    return lines
+
+
 def pivot_table(report: dict) -> list[str]:
-    """Perplexity by splices (rows) and ratio (columns); ratio 1.0 is the original for every row."""
+    """Perplexity by splices and storage (rows) and ratio (columns)."""
     ratios = sorted({1.0} | {r["compression_ratio"] for r in report["results"]}, reverse=True)
-    base = report["original"]["perplexity"]
     lines = ["| perplexity | " + " | ".join(f"ratio {x}" for x in ratios) + " |",
              "|---|" + "---:|" * len(ratios)]
-    for label in dict.fromkeys(r["label"] for r in report["results"] if r["label"] != NO_SPLICE):
-        cells = {1.0: f"{base:.4f}"} | {r["compression_ratio"]: f"{r['perplexity']:.4f} ({r['degradation_pct']:+.1f}%)"
-                                        for r in report["results"] if r["label"] == label}
-        lines.append(f"| {label} | " + " | ".join(cells.get(x, "") for x in ratios) + " |")
+    for line, points in _lines(report).items():
+        cells = {x: f"{r['perplexity']:.4f} ({r['degradation_pct']:+.1f}%)" for x, r in points.items()}
+        lines.append(f"| {line} | " + " | ".join(cells.get(x, "") for x in ratios) + " |")
     return lines
 
 
 def plot(report: dict, path: Path) -> None:
-    """Perplexity against ratio, one line per initialisation (each starting from the original at 1.0)."""
+    """Perplexity against ratio, one line per initialisation and storage (fp8 dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,10 +373,9 @@ def plot(report: dict, path: Path) -> None:
 
     base = report["original"]["perplexity"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in report["results"] if r["label"] != NO_SPLICE):
-        points = {1.0: base} | {r["compression_ratio"]: r["perplexity"] for r in report["results"] if r["label"] == label}
+    for line, points in _lines(report).items():
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], "o-", label=label)
+        ax.plot(xs, [points[x]["perplexity"] for x in xs], "o--" if ", fp8" in line else "o-", label=line)
     ax.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"original ({base:.2f})")
     ax.set_xlabel("compression ratio (fraction of the latent kept)")
     ax.set_ylabel("perplexity")

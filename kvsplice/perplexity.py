@@ -34,10 +34,19 @@ class Window:
 
 
 @dataclass(frozen=True)
+class WindowScore:
+    nll: float  # summed over the window's scored tokens
+    tokens: int
+    correct: int  # scored tokens whose most likely prediction was the actual next token
+
+
+@dataclass(frozen=True)
 class PerplexityResult:
     nll_sum: float  # natural-log NLL summed over scored tokens
     tokens: int  # scored tokens
     windows: int
+    correct: int = 0  # scored tokens predicted right by the argmax (next-token accuracy)
+    per_window: tuple[WindowScore, ...] = ()  # for confidence intervals over windows
 
     @property
     def mean_nll(self) -> float:
@@ -47,8 +56,31 @@ class PerplexityResult:
     def perplexity(self) -> float:
         return math.exp(self.mean_nll)
 
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens
+
     def as_dict(self) -> dict:
-        return asdict(self) | {"mean_nll": self.mean_nll, "perplexity": self.perplexity}
+        d = asdict(self)
+        del d["per_window"]
+        return d | {"mean_nll": self.mean_nll, "perplexity": self.perplexity, "accuracy": self.accuracy}
+
+
+def bootstrap_change(result: PerplexityResult, baseline: PerplexityResult, samples: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Confidence intervals of the change from `baseline`, resampling windows (paired: the same
+    windows for both), for the perplexity change (%) and the accuracy change (points)."""
+    a = torch.tensor([(w.nll, w.tokens, w.correct) for w in result.per_window], dtype=torch.float64)
+    b = torch.tensor([(w.nll, w.tokens, w.correct) for w in baseline.per_window], dtype=torch.float64)
+    if a.shape != b.shape or a.numel() == 0 or not torch.equal(a[:, 1], b[:, 1]):
+        raise ValueError("bootstrap needs per-window scores of the same windows")
+    picks = torch.randint(len(a), (samples, len(a)), generator=torch.Generator().manual_seed(seed))
+    sa, sb = a[picks].sum(1), b[picks].sum(1)  # [samples, 3]: nll, tokens, correct
+    ppl_pct = 100 * (torch.exp(sa[:, 0] / sa[:, 1] - sb[:, 0] / sb[:, 1]) - 1)
+    acc_pts = 100 * (sa[:, 2] - sb[:, 2]) / sa[:, 1]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {"perplexity_pct": tuple(torch.quantile(ppl_pct, q).tolist()),
+            "accuracy_pts": tuple(torch.quantile(acc_pts, q).tolist())}
 
 
 def encode_text(tokenizer, text: str) -> torch.Tensor:
@@ -93,16 +125,19 @@ def _batches(windows: Sequence[Window], batch_size: int) -> list[list[Window]]:
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, ids: torch.Tensor, batch: Sequence[Window]) -> tuple[float, int]:
-    """Summed NLL and count of the scored tokens of equal-length windows, in one forward pass."""
+def window_scores(model: nn.Module, ids: torch.Tensor, batch: Sequence[Window]) -> list[WindowScore]:
+    """NLL, count and argmax hits of the scored tokens of equal-length windows, in one forward pass."""
     device = next(model.parameters()).device
     inputs = torch.stack([ids[w.begin:w.end] for w in batch]).to(device)
     logits = model(input_ids=inputs, use_cache=False).logits[:, :-1].float()
-    nll = F.cross_entropy(logits.transpose(1, 2), inputs[:, 1:], reduction="none")  # [B, L-1]
+    targets = inputs[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, L-1]
+    hits = logits.argmax(-1) == targets
     # Position j of nll predicts token begin + j + 1: keep those at or after first_scored.
     offsets = torch.tensor([w.first_scored - w.begin - 1 for w in batch], device=device)
     keep = torch.arange(nll.shape[1], device=device)[None, :] >= offsets[:, None]
-    return float(nll[keep].double().sum()), int(keep.sum())
+    return [WindowScore(float(n[k].double().sum()), int(k.sum()), int(h[k].sum()))
+            for n, h, k in zip(nll, hits, keep)]
 
 
 def perplexity(
@@ -115,12 +150,12 @@ def perplexity(
     """Perplexity of `model` on the stream `ids` over `windows` (eval mode, no cache)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    scores: list[WindowScore] = []
     try:
         batches = _batches(windows, batch_size)
         for batch in tqdm(batches, desc=desc or "perplexity", leave=False, disable=desc is None):
-            nll, n = window_nll(model, ids, batch)
-            total, count = total + nll, count + n
+            scores += window_scores(model, ids, batch)
     finally:
         model.train(was_training)
-    return PerplexityResult(nll_sum=total, tokens=count, windows=len(windows))
+    return PerplexityResult(nll_sum=sum(s.nll for s in scores), tokens=sum(s.tokens for s in scores),
+                            windows=len(windows), correct=sum(s.correct for s in scores), per_window=tuple(scores))

@@ -1,5 +1,6 @@
-"""`kvsplice bench`: transformers `generate` and the engine at several compression ratios, side by
-side in one process on the same weights and workloads. Prints one table and writes JSON.
+"""`kvsplice bench`: transformers `generate` and the engine at several compression ratios (and cache
+storages: --kv-cache-dtypes auto,fp8), side by side in one process on the same weights and
+workloads. Prints one table and writes JSON.
 
 On the CPU it runs the built-in model; on a GPU `--shape deepseek-v2-lite` builds that shape with
 random bf16 weights (speed and memory do not depend on the weight values).
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kvsplice.cache_size import get_kv_cache_size
-from kvsplice.cli import positive_int, ratio_list
+from kvsplice.cli import kv_dtype_list, positive_int, ratio_list
 from kvsplice.model_source import load_config, load_pretrained
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -46,7 +47,7 @@ class Workload:
 
 @dataclass
 class Row:
-    system: str  # "transformers" or "engine@<ratio>"
+    system: str  # "transformers", "engine@<ratio>" or "engine@<ratio>,<kv_cache_dtype>" (not auto)
     prompt_len: int
     new_tokens: int
     batch: int
@@ -131,7 +132,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> 
     return seconds, sum(first.values()) / len(first) - t0, decode_step, prefill_tok_s
 
 
-def decode_bytes_per_step(config, batch: int, context: int, ratio: float, dtype_bytes: int = 2) -> float:
+def decode_bytes_per_step(config, batch: int, context: int, ratio: float, dtype_bytes: int = 2,
+                          kv_cache_dtype: str = "auto") -> float:
     """The fewest bytes one decode step must read: every attention and dense weight, the shared
     experts, the routed experts a uniform router is expected to hit at this batch, lm_head, and the
     batch's cached tokens (this is the memory-bandwidth floor of a decode step)."""
@@ -148,7 +150,7 @@ def decode_bytes_per_step(config, batch: int, context: int, ratio: float, dtype_
     params = (config.num_hidden_layers * attention + dense * 3 * h * config.intermediate_size
               + (config.num_hidden_layers - dense) * ((hit + config.n_shared_experts) * expert + experts * h)
               + config.vocab_size * h)
-    kv = batch * context * get_kv_cache_size(config, compression_ratio=ratio).bytes_per_token
+    kv = batch * context * get_kv_cache_size(config, compression_ratio=ratio, kv_cache_dtype=kv_cache_dtype).bytes_per_token
     return params * dtype_bytes + kv
 
 
@@ -179,21 +181,31 @@ def bench(args) -> list[Row]:
         print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     if not args.skip_transformers:
         rows += bench_transformers(args, device, dtype, vocab)
-    for ratio in args.ratios:
-        engine = LLMEngine(engine_config(args, device, ratio))
+    for kv_cache_dtype, ratio in engine_systems(args):
+        engine = LLMEngine(engine_config(args, device, ratio, kv_cache_dtype))
         for w in args.workload:
             for b in w.batch_sizes:
                 rows.append(bench_engine_row(engine, w, b, ratio, config, bandwidth, args.trials, vocab))
                 print_row(rows[-1])
         for batch in args.profile_batch or []:
+            name = system_name(ratio, kv_cache_dtype).replace("engine@", "").replace(",", "_")
             profile_decode(engine, vocab, batch, args.workload[0].prompt_len, device,
-                           args.out and Path(args.out).with_name(f"profile_engine_{ratio}_batch{batch}.txt"))
+                           args.out and Path(args.out).with_name(f"profile_engine_{name}_batch{batch}.txt"))
         del engine
         free_memory(device)
     return rows
 
 
-def engine_config(args, device: torch.device, ratio: float) -> EngineConfig:
+def engine_systems(args) -> list[tuple[str, float]]:
+    """(kv_cache_dtype, ratio) of every engine measured, in table order."""
+    return [(kv, ratio) for kv in args.kv_cache_dtypes for ratio in args.ratios]
+
+
+def system_name(ratio: float, kv_cache_dtype: str = "auto") -> str:
+    return f"engine@{ratio}" + ("" if kv_cache_dtype == "auto" else f",{kv_cache_dtype}")
+
+
+def engine_config(args, device: torch.device, ratio: float, kv_cache_dtype: str = "auto") -> EngineConfig:
     max_batch = max(b for w in args.workload for b in w.batch_sizes)
     max_len = max(w.prompt_len + w.new_tokens for w in args.workload) + 16  # room for the profile run
     return EngineConfig(
@@ -202,7 +214,7 @@ def engine_config(args, device: torch.device, ratio: float) -> EngineConfig:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=max_batch,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len, block_size=args.block_size,
         pipeline_parallel_size=args.pipeline_parallel_size, fused_moe=not args.no_fused_moe,
-        async_scheduling=not args.no_async_scheduling,
+        async_scheduling=not args.no_async_scheduling, kv_cache_dtype=kv_cache_dtype,
         enable_prefix_caching=False,  # trials repeat their prompts: timed runs would read the cache
     )
 
@@ -238,9 +250,10 @@ def bench_engine_row(engine: LLMEngine, w: Workload, batch: int, ratio: float, c
         runs.append(run_engine(engine, prompts, w.new_tokens))
     seconds, ttft, step_s, prefill_tok_s = (statistics.median(r[i] for r in runs) for i in range(4))
     stats = engine.stats()
-    floor_s = (decode_bytes_per_step(config, batch, w.prompt_len + w.new_tokens // 2, ratio) / bandwidth
+    floor_s = (decode_bytes_per_step(config, batch, w.prompt_len + w.new_tokens // 2, ratio,
+                                     kv_cache_dtype=stats.kv_cache_dtype) / bandwidth
                if bandwidth else float("nan"))
-    return Row(f"engine@{ratio}", w.prompt_len, w.new_tokens, batch, seconds, batch * w.new_tokens / seconds, ttft,
+    return Row(system_name(ratio, stats.kv_cache_dtype), w.prompt_len, w.new_tokens, batch, seconds, batch * w.new_tokens / seconds, ttft,
                peak_gib(engine.core.runner.device), stats.kv_bytes_per_token,
                {"kv_capacity_tokens": stats.kv_capacity_tokens, "preemptions": stats.num_preemptions_total,
                 "decode_step_ms": step_s * 1e3, "decode_floor_ms": floor_s * 1e3,
@@ -297,18 +310,18 @@ def step_cell(row: Row | None) -> str:
     return f"{row.extra['decode_step_ms']:.2f}" + ("" if math.isnan(fraction) else f" ({100 * fraction:.0f}%)")
 
 
-def table(rows: list[Row], ratios: list[float]) -> str:
-    """One line per workload and batch: each system's tok/s, the engine/transformers and ratio ratios."""
-    systems = ["transformers"] + [f"engine@{r}" for r in ratios]
+def table(rows: list[Row], engines: list[str]) -> str:
+    """One line per workload and batch: each system's tok/s, the engine/transformers and engine/first-engine ratios."""
+    systems = ["transformers"] + engines
     keyed = {(r.system, r.prompt_len, r.new_tokens, r.batch): r for r in rows}
     shapes = sorted({(r.prompt_len, r.new_tokens, r.batch) for r in rows})
     head = ["prompt", "new", "batch"] + [f"{s} tok/s" for s in systems] + [f"{s} ttft s" for s in systems[1:]]
     head += ["KV B/token " + s for s in systems[1:]]
     head += [f"{s} decode step ms (% of BW floor)" for s in systems[1:]]
     head += [f"{s} prefill tok/s" for s in systems[1:]]
-    base = f"engine@{ratios[0]}"
-    comparisons = [(f"engine@{r}/transformers", f"engine@{r}", "transformers") for r in ratios]
-    comparisons += [(f"engine@{r}/{base}", f"engine@{r}", base) for r in ratios[1:]]
+    base = engines[0]
+    comparisons = [(f"{e}/transformers", e, "transformers") for e in engines]
+    comparisons += [(f"{e}/{base}", e, base) for e in engines[1:]]
     head += [name for name, _, _ in comparisons]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape in shapes:
@@ -351,9 +364,11 @@ def run(args: argparse.Namespace) -> int:
     rows = bench(args)
     device = resolve_device(args.device)
     argv = sys.argv[1:]
-    result = {"command": "kvsplice bench " + " ".join(argv[1:] if argv[:1] == ["bench"] else argv), "environment": environment(device), "ratios": args.ratios,
+    engines = [system_name(ratio, kv) for kv, ratio in engine_systems(args)]
+    result = {"command": "kvsplice bench " + " ".join(argv[1:] if argv[:1] == ["bench"] else argv),
+              "environment": environment(device), "ratios": args.ratios, "kv_cache_dtypes": args.kv_cache_dtypes,
               "rows": [asdict(r) for r in rows]}
-    print("\n" + table(rows, args.ratios))
+    print("\n" + table(rows, engines))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.out}")
@@ -368,6 +383,8 @@ def register(subparsers) -> None:
     p.add_argument("--workload", type=Workload.parse, action="append",
                    help="PROMPT:NEW:B1,B2,... (repeatable; default 64:32:1,8,32)")
     p.add_argument("--ratios", type=ratio_list, default=[1.0, 0.5], help="engine compression ratios (1.0 first)")
+    p.add_argument("--kv-cache-dtypes", type=kv_dtype_list, default=["auto"],
+                   help="cache storages, comma list (auto, fp8, fp8_e5m2): every ratio with every one (default auto)")
     p.add_argument("--kv-cache-bytes", type=positive_int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.5)
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)

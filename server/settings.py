@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     kv_cache_memory_fraction: UnitFraction = Field(
         0.5, description="KV budget as a fraction of free device memory (CUDA) or RAM (CPU)")
     block_size: AtLeastOne = Field(16, description="tokens per KV block")
+    kv_cache_dtype: Literal["auto", "bf16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="how the cached code is stored: auto/bf16 in the model dtype; fp8 (= fp8_e4m3) or "
+                            "fp8_e5m2 as fp8 values with a float32 scale per token (the RoPE key stays in the model "
+                            "dtype; ~1.76x the tokens per byte at ratio 1.0, stacks with the splice)")
     # Scheduling and admission.
     max_num_seqs: AtLeastOne = Field(64, description="running sequences at most")
     max_num_batched_tokens: AtLeastOne = Field(2048, description="prefill + decode tokens per engine step at most")

@@ -206,17 +206,28 @@ def test_min_tokens_holds_back_a_stop_token(checkpoint_dirs):
     assert len(held.token_ids) >= 3 and first not in held.token_ids[:2]
 
 
-def test_cache_bytes_per_token_include_the_rope_part(checkpoint_dirs):
+def _align16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cache_bytes_per_token_include_the_rope_part(checkpoint_dirs, kv_cache_dtype):
     for ratio in (1.0, 0.5):
-        engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], compression_ratio=ratio, kv_cache_bytes=2 << 20))
+        engine = LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], compression_ratio=ratio, kv_cache_bytes=2 << 20,
+                                        kv_cache_dtype=kv_cache_dtype))
         cfg, runner = engine.hf_config, engine.core.runner
         code = cfg.kv_lora_rank if ratio == 1.0 else cfg.kv_lora_rank // 2
-        per_token = cfg.num_hidden_layers * (code + cfg.qk_rope_head_dim) * 4  # float32 on the CPU
+        if kv_cache_dtype == "auto":
+            per_layer = (code + cfg.qk_rope_head_dim) * 4  # float32 on the CPU
+        else:  # fp8 code, a float32 scale, the RoPE key in float32: each part 16-byte aligned
+            per_layer = _align16(code) + 16 + _align16(cfg.qk_rope_head_dim * 4)
+        per_token = cfg.num_hidden_layers * per_layer
         assert engine.stats().kv_bytes_per_token == per_token
-        allocated = sum(c.numel() * c.element_size() for c in runner.kv_caches)
-        tokens = runner.kv_caches[0].shape[0] * runner.kv_caches[0].shape[1]  # the scratch block included
+        allocated = sum(c.nbytes for c in runner.kv_caches)
+        tokens = runner.kv_caches[0].num_blocks * runner.kv_caches[0].block_size  # the scratch block included
         assert allocated == per_token * tokens
         assert engine.stats().compression_ratio == code / cfg.kv_lora_rank
+        assert engine.stats().kv_cache_dtype == kv_cache_dtype
 
 
 def test_block_table_rows_come_back_when_the_engine_goes_idle(checkpoint_dirs):

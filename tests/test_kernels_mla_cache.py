@@ -23,6 +23,8 @@ if str(REPO_ROOT) not in sys.path:  # so the child process (run as a script) fin
 from tests.interpreter import run_under_interpreter  # noqa: E402
 from tests.kernel_checks import assert_equal, assert_rel, run_checks, tol_for  # noqa: E402
 
+from kvsplice.cache_layout import CacheLayout, CacheViews  # noqa: E402
+from kvsplice.kv_quant import dequantize, quantize  # noqa: E402
 from server.kernels.mla_cache import mla_code_torch, mla_write_kv, mla_write_kv_torch, rotate_interleaved  # noqa: E402
 
 EPS = 1e-6
@@ -41,7 +43,7 @@ class WriteCase:
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    cache: torch.Tensor
+    cache: torch.Tensor | CacheViews  # CacheViews of poisoned bytes for an fp8 cache
     slots: torch.Tensor
     kwargs: dict
 
@@ -52,7 +54,8 @@ class WriteCase:
 
 def make_case(tokens: int, latent: int = 40, rope: int = 8, heads: int = 3, rank: int | None = None,
               layernorm: bool = False, bias: bool = True, block_size: int = 4, dtype: torch.dtype = torch.float32,
-              cache_dtype: torch.dtype | None = None, seed: int = 0, pos_dtype: torch.dtype = torch.int64) -> WriteCase:
+              cache_dtype: torch.dtype | None = None, seed: int = 0, pos_dtype: torch.dtype = torch.int64,
+              kv_cache_dtype: str = "auto") -> WriteCase:
     gen = torch.Generator().manual_seed(seed)
     code = rank or latent
     width = latent + rope + (rank or 0)
@@ -61,7 +64,11 @@ def make_case(tokens: int, latent: int = 40, rope: int = 8, heads: int = 3, rank
     angles = torch.rand(max_pos, rope // 2, generator=gen) * 6.3
     scale = 1.06  # the YaRN attention scaling, folded into cos and sin
     num_blocks = tokens // block_size + 3  # the last blocks play the scratch block padding slots use
-    cache = torch.full((num_blocks, block_size, code + rope), float("nan"), dtype=cache_dtype or dtype)
+    if kv_cache_dtype == "auto":
+        cache = torch.full((num_blocks, block_size, code + rope), float("nan"), dtype=cache_dtype or dtype)
+    else:  # all-ones bytes: NaN as fp8 (e4m3fn and e5m2), as float32 and as bf16
+        layout = CacheLayout(1, latent, code, rope, cache_dtype or dtype, block_size, kv_cache_dtype)
+        cache = layout.views(torch.full((num_blocks, block_size, layout.row_size), 255, dtype=torch.uint8))
     kwargs = dict(eps=EPS)
     if rank is None:
         kwargs["norm_weight"] = (1 + 0.1 * torch.randn(latent, generator=gen)).to(dtype)
@@ -171,6 +178,25 @@ def test_write_reference_stores_entries_and_rotates_queries():
     assert_equal(case.q_pe, rotate_interleaved(q_before[..., 5:], c[:, None], s[:, None]), "q_pe rotated in place")
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_write_reference_quantizes_per_token_and_stores_what_it_reads(kv_cache_dtype):
+    case = make_case(6, rank=20, kv_cache_dtype=kv_cache_dtype, dtype=torch.bfloat16)
+    stored = run(case, mla_write_kv_torch)
+    code = mla_code_torch(case.latent, EPS, z_raw=case.z_raw, z_bias=case.kwargs["z_bias"])
+    values, scale = quantize(code, case.cache.code.dtype)
+    blocks, offsets = case.slots // 4, case.slots % 4
+    assert_equal(case.cache.code[blocks, offsets].float(), values.float(), "fp8 code at the slots")
+    assert_equal(case.cache.scale[blocks, offsets], scale, "per-token scales at the slots")
+    # stored is the code as the cache gives it back, so a fresh prefill sees the same values.
+    assert_equal(stored[:, :20], dequantize(values, scale).to(stored.dtype), "stored: dequantized code")
+    assert_equal(stored[:, 20:], case.cache.rope[blocks, offsets], "stored: RoPE part")
+    assert stored.dtype == torch.bfloat16
+    assert (scale - code.abs().amax(-1) / torch.finfo(values.dtype).max).abs().max() < 1e-9
+    untouched = torch.ones(case.cache.scale.numel(), dtype=torch.bool)
+    untouched[case.slots] = False
+    assert case.cache.scale.flatten()[untouched].isnan().all(), "no other row is written"
+
+
 def test_write_rejects_mismatched_cache_width():
     case = make_case(2, rank=20)
     case.cache = torch.zeros(4, 4, 40 + 8)  # C must be r = 20 here, not L = 40
@@ -188,12 +214,19 @@ def compare(what: str, **kw) -> None:
     mine, theirs = make_case(**kw), make_case(**kw)
     stored = run(mine, mla_write_kv, impl="triton")
     want = run(theirs, mla_write_kv_torch)
-    tol = max(tol_for(mine.latent.dtype), tol_for(mine.cache.dtype))
+    tol = max(tol_for(mine.latent.dtype), tol_for(stored.dtype))
     assert_rel(stored, want, tol, f"{what}: stored")
     # Every cache element compares (NaN == NaN counts as equal): written rows match, others stay NaN.
-    assert torch.equal(mine.cache.isnan(), theirs.cache.isnan()), f"{what}: written cache rows differ"
-    assert_rel(mine.cache.nan_to_num(), theirs.cache.nan_to_num(), tol, f"{what}: cache")
+    for part, got, ref in zip(("code", "RoPE", "scale"), cache_parts(mine.cache), cache_parts(theirs.cache)):
+        assert torch.equal(got.isnan(), ref.isnan()), f"{what}: written cache rows differ ({part})"
+        assert_rel(got.nan_to_num(), ref.nan_to_num(), tol, f"{what}: cache {part}")
     assert_rel(mine.q, theirs.q, tol_for(mine.q.dtype), f"{what}: q after the in-place RoPE")
+
+
+def cache_parts(cache: torch.Tensor | CacheViews) -> list[torch.Tensor]:
+    if isinstance(cache, torch.Tensor):
+        return [cache]
+    return [cache.code.float(), cache.rope.float(), cache.scale]
 
 
 def check_without_splice() -> None:
@@ -211,6 +244,13 @@ def check_with_splice() -> None:
     compare("fp32 projections into a bf16 cache", tokens=3, rank=12, cache_dtype=torch.bfloat16, seed=6)
 
 
+def check_fp8() -> None:
+    compare("fp8 ratio 1.0", tokens=6, latent=37, kv_cache_dtype="fp8", seed=8)
+    compare("fp8 splice + LayerNorm, bf16", tokens=7, rank=20, layernorm=True, dtype=torch.bfloat16,
+            kv_cache_dtype="fp8", seed=9)
+    compare("fp8_e5m2 splice, odd r", tokens=5, rank=19, kv_cache_dtype="fp8_e5m2", seed=10)
+
+
 def check_stored_buffer_and_zero_tokens() -> None:
     case = make_case(3, rank=20, seed=7)
     out = torch.full((3, 28), float("nan"))
@@ -220,7 +260,7 @@ def check_stored_buffer_and_zero_tokens() -> None:
     assert run(empty, mla_write_kv, impl="triton").shape == (0, 28)
 
 
-CHECKS = [check_without_splice, check_with_splice, check_stored_buffer_and_zero_tokens]
+CHECKS = [check_without_splice, check_with_splice, check_fp8, check_stored_buffer_and_zero_tokens]
 
 if __name__ == "__main__":
     sys.exit(run_checks(CHECKS))

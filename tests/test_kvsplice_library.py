@@ -94,12 +94,29 @@ def test_estimator_counts_rope_dims_on_shipped_v2_lite():
     assert per_token == [31_104, 17_280, 10_368]
 
 
+def test_fp8_rows_match_flashmla_and_stack_with_the_splice():
+    """fp8 code + one float32 scale + bf16 RoPE, 16-byte aligned: 656 B per layer at ratio 1.0,
+    FlashMLA's row (17,712 B per token on V2-Lite); at 0.5 the two savings multiply (2.88x)."""
+    cfg = load_config("deepseek-v2-lite")
+    per_token = [get_kv_cache_size(cfg, compression_ratio=r, kv_cache_dtype="fp8").bytes_per_token
+                 for r in (1.0, 0.5, 0.25)]
+    assert per_token == [17_712, 10_800, 7_344]
+    assert get_kv_cache_size(cfg, kv_cache_dtype="fp8_e5m2").bytes_per_token == 17_712
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        get_kv_cache_size(cfg, kv_cache_dtype="int8")
+
+
 def test_estimate_cli_prints_breakdown():
     out = subprocess.run(
         [sys.executable, "-m", "server.cli", "estimate", "--model-config", "deepseek-v2-lite"],
         capture_output=True, text=True, check=True,
     ).stdout
     assert "31,104 (ratio 1.0) / 17,280 (ratio 0.5) / 10,368 (ratio 0.25)" in out
+    fp8 = subprocess.run(
+        [sys.executable, "-m", "server.cli", "estimate", "--compression-ratio", "0.5", "--kv-cache-dtype", "auto,fp8"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "17,280 (ratio 0.5) / 10,800 (ratio 0.5, fp8)" in fp8
 
 
 def test_estimate_cli_names_the_bad_flag():

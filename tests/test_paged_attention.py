@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,8 @@ if str(REPO_ROOT) not in sys.path:  # so the child process (run as a script) fin
 
 from tests.interpreter import TRITON_MISSING, run_under_interpreter  # noqa: E402
 
+from kvsplice.cache_layout import CacheLayout, CacheViews  # noqa: E402
+from kvsplice.kv_quant import dequantize, quantize  # noqa: E402
 from server.kernels.mla_decode import paged_mla_decode, paged_mla_decode_torch  # noqa: E402
 
 
@@ -88,10 +91,23 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
-def run_torch(case: DecodeCase, **kwargs) -> torch.Tensor:
+def run_torch(case: DecodeCase, cache: torch.Tensor | CacheViews | None = None, **kwargs) -> torch.Tensor:
     return paged_mla_decode_torch(
-        case.q_lat, case.q_pe, case.kv_cache, case.block_tables, case.context_lens, case.scale, **kwargs
+        case.q_lat, case.q_pe, case.kv_cache if cache is None else cache, case.block_tables, case.context_lens,
+        case.scale, **kwargs
     )
+
+
+def fp8_cache(kv_cache: torch.Tensor, r: int, kv_cache_dtype: str = "fp8") -> CacheViews:
+    """The same cache stored as the engine's fp8 rows: fp8 code + per-token scale, RoPE as is."""
+    num_blocks, block_size, width = kv_cache.shape
+    layout = CacheLayout(1, r, r, width - r, kv_cache.dtype, block_size, kv_cache_dtype)
+    views = layout.views(torch.zeros(num_blocks, block_size, layout.row_size, dtype=layout.storage_dtype))
+    values, scale = quantize(kv_cache[..., :r], views.code.dtype)
+    views.code.copy_(values)
+    views.scale.copy_(scale)
+    views.rope.copy_(kv_cache[..., r:])
+    return views
 
 
 # ---------------------------------------------------------------- torch reference (this process)
@@ -142,6 +158,19 @@ def test_dispatcher_uses_torch_on_cpu_and_fills_out():
     torch.testing.assert_close(out, run_torch(case), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_cache_decodes_like_its_dequantized_values(kv_cache_dtype):
+    """The reference reads an fp8 cache as code * scale: the same as a float cache holding those
+    values, and within fp8's rounding of the unquantized result."""
+    case = make_case([1, 9, 40], heads=4, r=32, p=16, block_size=8)
+    cache = fp8_cache(case.kv_cache, 32, kv_cache_dtype)
+    dequantized = torch.cat([dequantize(cache.code, cache.scale), cache.rope], dim=-1)
+    got = run_torch(case, cache)
+    torch.testing.assert_close(got, run_torch(case, dequantized), rtol=1e-6, atol=1e-6)
+    mantissa_bits = 3 if kv_cache_dtype == "fp8" else 2
+    assert rel_err(got, run_torch(case)) < 2.0 ** -mantissa_bits
+
+
 # ---------------------------------------------------------------- Triton kernel (child process)
 
 def test_triton_kernel_under_interpreter_matches_torch():
@@ -159,6 +188,12 @@ INTERPRETER_CASES = [
      dict(num_splits=4, block_t=32)),
     ("non-pow2 r/P/H, block > tile", [5, 64, 130], 20, 48, 24, 64, torch.float32,
      dict(num_splits=3, block_t=16)),
+    ("fp8 cache, one split", [1, 4, 7, 37], 4, 32, 16, 4, torch.float32,
+     dict(num_splits=1, block_t=16, kv_cache_dtype="fp8")),
+    ("fp8 cache, split-KV bf16, V2-Lite P", [200, 16, 0], 16, 128, 64, 16, torch.bfloat16,
+     dict(num_splits=4, block_t=32, kv_cache_dtype="fp8")),
+    ("fp8_e5m2 cache, block > tile", [5, 64, 130], 20, 48, 24, 64, torch.float32,
+     dict(num_splits=3, block_t=16, kv_cache_dtype="fp8_e5m2")),
 ]
 
 
@@ -181,10 +216,12 @@ def run_interpreter_checks() -> int:
     for seed, (kind, lens, heads, r, p, block_size, dtype, opts) in enumerate(INTERPRETER_CASES):
         opts = dict(opts)
         case = make_case(lens, heads, r, p, block_size, dtype, seed=seed, strided_queries=opts.pop("strided", False))
-        want = run_torch(case)
+        kv_cache_dtype = opts.pop("kv_cache_dtype", None)
+        cache = fp8_cache(case.kv_cache, r, kv_cache_dtype) if kv_cache_dtype else case.kv_cache
+        want = run_torch(case, cache)
         out = torch.full_like(want, float("nan"))  # poisoned: every element must be written
         paged_mla_decode_triton(
-            case.q_lat, case.q_pe, case.kv_cache, case.block_tables, case.context_lens, case.scale,
+            case.q_lat, case.q_pe, cache, case.block_tables, case.context_lens, case.scale,
             out=out, **opts,
         )
         err = rel_err(out, want)

@@ -86,23 +86,26 @@ def test_sliding_windows_limit_and_errors():
 # --------------------------------------------------------------------------- any model (random too)
 
 
-@pytest.mark.parametrize("ratio", [1.0, 0.25])
-def test_eval_perplexity_equals_the_serving_engines(builtin, test_ids, ratio):
+@pytest.mark.parametrize("ratio,kv_cache_dtype", [(1.0, "auto"), (0.25, "auto"), (1.0, "fp8"), (0.5, "fp8_e5m2")])
+def test_eval_perplexity_equals_the_serving_engines(builtin, test_ids, ratio, kv_cache_dtype):
     """The eval job (transformers, patched) and the serving engine (its own model, splices folded
-    in) are two implementations: scored over the same windows they must give the same NLL."""
+    in) are two implementations: scored over the same windows they must give the same NLL. With
+    an fp8 cache both round the code; the engine's code comes out of folded weights, so a value
+    near a rounding boundary can round the other way: equal to 1e-4, and unlike the bf16 NLL."""
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
     from server.engine.sampling_params import SamplingParams
 
     model, _ = builtin
     windows = sliding_windows(len(test_ids), WINDOW, STRIDE, max_windows=3)
-    patch_model_with_kvsplice(model, ratio, init="truncate")
+    patch_model_with_kvsplice(model, ratio, init="truncate", kv_cache_dtype=kv_cache_dtype)
     try:
         reference = perplexity(model, test_ids, windows)
     finally:
         unpatch_model(model)
     engine = LLMEngine(EngineConfig(model=MODEL, compression_ratio=ratio, splice_init="truncate",
-                                    kv_cache_bytes=8 << 20, max_num_batched_tokens=96))
+                                    kv_cache_bytes=8 << 20, max_num_batched_tokens=96,
+                                    kv_cache_dtype=kv_cache_dtype))
     nll = 0.0
     for i, w in enumerate(windows):
         engine.add_request(str(i), test_ids[w.begin:w.end].tolist(),
@@ -112,7 +115,16 @@ def test_eval_perplexity_equals_the_serving_engines(builtin, test_ids, ratio):
                 if out.finished:
                     scored = out.prompt_logprobs[w.first_scored - w.begin:]
                     nll -= sum(r.logprob for r in scored)
-    assert nll == pytest.approx(reference.nll_sum, rel=1e-5)
+    if kv_cache_dtype == "auto":
+        assert nll == pytest.approx(reference.nll_sum, rel=1e-5)
+        return
+    assert nll == pytest.approx(reference.nll_sum, rel=1e-4)
+    patch_model_with_kvsplice(model, ratio, init="truncate")
+    try:
+        unrounded = perplexity(model, test_ids, windows).nll_sum
+    finally:
+        unpatch_model(model)
+    assert abs(nll - unrounded) > 10 * abs(nll - reference.nll_sum)  # the rounding is really there
 
 
 def test_spliced_perplexity_differs_and_batching_does_not_matter(builtin, test_ids, original_ppl):
@@ -237,6 +249,27 @@ def test_cli_calibrate_finetune_then_eval_end_to_end(tmp_path, monkeypatch, caps
     assert ("truncate", 0.5) in rows and ("learned", 0.5) in rows
     assert (out / "perplexity.png").stat().st_size > 0
     assert "| truncate | 0.5 |" in (out / "perplexity.md").read_text()
+
+
+def test_cli_eval_kv_cache_dtypes_give_the_matched_bytes_table(tmp_path):
+    """--kv-cache-dtype bf16,fp8: every variant once per storage, the bytes each is served with, a
+    bootstrap interval and next-token accuracy per row, and the table sorted by bytes."""
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--model", MODEL, "--compression-ratio", "1.0,0.5", "--init", "truncate",
+                     "--kv-cache-dtype", "bf16,fp8", "--samples", "3", "--window", "64", "--stride", "32",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "perplexity.json").read_text())
+    rows = {(r["label"], r["compression_ratio"], r["kv_cache_dtype"]): r for r in report["results"]}
+    assert set(rows) == {(label, ratio, kv) for label, ratio in (("no splice", 1.0), ("truncate", 0.5))
+                         for kv in ("bf16", "fp8")}
+    bf16, fp8 = rows[("no splice", 1.0, "bf16")], rows[("no splice", 1.0, "fp8")]
+    assert fp8["kv_bytes_per_token"] < bf16["kv_bytes_per_token"]
+    assert fp8["perplexity"] != bf16["perplexity"] != report["original"]["perplexity"]  # both really round
+    for r in rows.values():
+        low, high = r["ci95_pct"]
+        assert low <= r["degradation_pct"] <= high and 0 < r["accuracy"] < 1
+    md = (out / "perplexity.md").read_text()
+    assert "At matched memory" in md and "| truncate, fp8 |" in md
 
 
 def test_cli_eval_without_out_prints_the_table_and_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -92,7 +92,8 @@ def log_capacity(engine, settings: Settings) -> None:
     stats = engine.stats()
     model_name = (settings.served_model_name or [engine.model_name])[0]
     sequences = stats.kv_capacity_tokens / engine.max_model_len
-    logger.info("model %s (%s), compression_ratio %g", model_name, settings.model, stats.compression_ratio)
+    logger.info("model %s (%s), compression_ratio %g, kv_cache_dtype %s", model_name, settings.model,
+                stats.compression_ratio, stats.kv_cache_dtype)
     logger.info("KV cache: %d bytes per token, capacity %d tokens = %.1f sequences of max_model_len %d "
                 "(%d blocks of %d tokens)", stats.kv_bytes_per_token, stats.kv_capacity_tokens, sequences,
                 engine.max_model_len, stats.num_blocks_total, stats.block_size)

@@ -36,6 +36,7 @@ ENGINE_GAUGES = [
     ("kvsplice:kv_cache_bytes_in_use", "KV cache bytes held by live sequences", "kv_bytes_in_use"),
     ("kvsplice:kv_cache_compression_ratio", "Fraction of the MLA latent stored (1.0 = plain MLA)", "compression_ratio"),
 ]
+CACHE_CONFIG_LABELS = ("kv_cache_dtype", "compression_ratio", "block_size", "num_blocks_total", "kv_bytes_per_token")
 ENGINE_COUNTERS = [
     ("kvsplice:prompt_tokens_total", "Prompt tokens processed", "prompt_tokens_total"),
     ("kvsplice:generation_tokens_total", "Tokens generated", "generation_tokens_total"),
@@ -80,7 +81,17 @@ class EngineStatsCollector(Collector):
                 if stats is not None:
                     family.add_metric([self._model_name], float(getattr(stats, attr)))
                 families.append(family)
+        families.append(self._cache_config(stats))
         return families
+
+    def _cache_config(self, stats) -> Metric:
+        # vLLM's cache_config_info idea: the cache's configuration as labels of a constant 1.
+        family = GaugeMetricFamily(
+            "kvsplice:cache_config_info", "KV cache configuration (labels; value 1)",
+            labels=[MODEL_LABEL, *CACHE_CONFIG_LABELS])
+        if stats is not None:
+            family.add_metric([self._model_name, *(str(getattr(stats, a)) for a in CACHE_CONFIG_LABELS)], 1.0)
+        return family
 
 
 class ServerMetrics:

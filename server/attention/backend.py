@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from kvsplice.cache_layout import CacheViews
 from server.attention.metadata import AttentionMetadata, DecodeMetadata, StepShape, build_metadata
 
 
@@ -46,10 +47,11 @@ class AttentionBackend(ABC):
     def build_metadata(self, shape: StepShape, device: torch.device) -> AttentionMetadata:
         return build_metadata(shape, device)
 
-    def forward(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, stored: Tensor, kv_cache: Tensor,
+    def forward(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, stored: Tensor, kv_cache: CacheViews,
                 meta: AttentionMetadata) -> Tensor:
         """Attention output [T, H, v] of the step's tokens. q_nope [T, H, nope], q_pe [T, H, rope]
-        (rotated); stored [T, code + rope]: the rows just written for these tokens."""
+        (rotated); stored [T, code + rope]: the rows just written for these tokens, as the cache
+        gives them back (an fp8 code dequantized)."""
         if meta.decode is not None and meta.decode.rows is None:  # a pure decode step
             return self.decode(layer, q_nope, q_pe, kv_cache, meta.decode)
         out = q_nope.new_empty(q_nope.shape[0], layer.num_heads, layer.v_dim)
@@ -63,7 +65,7 @@ class AttentionBackend(ABC):
         return out
 
     @abstractmethod
-    def decode(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor,
+    def decode(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: CacheViews,
                meta: DecodeMetadata) -> Tensor:
         """[Bd, H, v] for sequences with one new token (its row is already in the cache)."""
 
@@ -73,7 +75,7 @@ class AttentionBackend(ABC):
         """[Tf, H, v] for meta.fresh.rows: sequences attending only among their new tokens."""
 
     @abstractmethod
-    def prefill_chunked(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor,
+    def prefill_chunked(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: CacheViews,
                         meta: AttentionMetadata) -> Tensor:
         """[Tc, H, v] for meta.chunked.rows: new tokens attending over their whole cached context."""
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvsplice.cache_layout import CacheViews
 from server.attention.backend import AttentionBackend, MLAWeights
 from server.attention.metadata import AttentionMetadata, DecodeMetadata
 from server.kernels.mla_decode import paged_mla_decode_torch
@@ -18,14 +19,14 @@ from server.kernels.mla_decode import paged_mla_decode_torch
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def decode(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor,
+    def decode(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: CacheViews,
                meta: DecodeMetadata) -> Tensor:
         q_lat = torch.bmm(q_nope.transpose(0, 1), layer.w_uk).transpose(0, 1)  # [B, H, code]
         o_lat = self.decode_latent(q_lat, q_pe, kv_cache, meta, layer.scale)
         out = torch.bmm(o_lat.transpose(0, 1), layer.w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
         return out if layer.b_v is None else out + layer.b_v
 
-    def decode_latent(self, q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, meta: DecodeMetadata,
+    def decode_latent(self, q_lat: Tensor, q_pe: Tensor, kv_cache: CacheViews, meta: DecodeMetadata,
                       scale: float) -> Tensor:
         """softmax(scores) . code per head, [B, H, code]: the part a decode kernel replaces."""
         return paged_mla_decode_torch(q_lat, q_pe, kv_cache, meta.block_tables, meta.context_lens, scale,
@@ -40,12 +41,12 @@ class TorchBackend(AttentionBackend):
         out = attend(q, k, v, layer.scale, is_causal=True)
         return out.flatten(0, 1)[fresh.valid_flat]
 
-    def prefill_chunked(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor,
+    def prefill_chunked(self, layer: MLAWeights, q_nope: Tensor, q_pe: Tensor, kv_cache: CacheViews,
                         meta: AttentionMetadata) -> Tensor:
         chunk = meta.chunked
-        block_size = kv_cache.shape[1]
-        blocks = -(-chunk.max_context_len // block_size)
-        rows = kv_cache[chunk.block_tables[:, :blocks].long()].flatten(1, 2)  # [B, blocks * block_size, W]
+        blocks = -(-chunk.max_context_len // kv_cache.block_size)
+        # [B, blocks * block_size, C + P] in the model dtype: a gathered copy, dequantized as it is read.
+        rows = kv_cache.rows(chunk.block_tables[:, :blocks].long()).flatten(1, 2)
         k, v = expand(layer, rows)
         q = torch.cat([q_nope, q_pe], dim=-1)[chunk.index]  # [B, Q, H, .]
         # Query j of a sequence sits at position context - query_len + j and sees keys up to itself.

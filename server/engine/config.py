@@ -17,6 +17,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # KV budget in bytes; wins over the fraction when set
     kv_cache_memory_fraction: float = 0.5  # of free device memory (CUDA) or of available RAM (CPU)
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto/bf16: the model dtype; fp8, fp8_e4m3, fp8_e5m2: fp8 code + per-token scale
     max_num_seqs: int = 64  # running sequences at most
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step at most
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192

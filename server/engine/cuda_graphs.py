@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import Tensor
 
+from kvsplice.cache_layout import CacheViews
 from server.attention.backend import AttentionBackend
 from server.attention.metadata import AttentionMetadata
 
@@ -21,7 +22,7 @@ BATCH_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches: list[Tensor], backend: AttentionBackend, max_batch: int,
+    def __init__(self, model, kv_caches: list[CacheViews], backend: AttentionBackend, max_batch: int,
                  max_context_len: int, block_size: int, scratch_block: int, device: torch.device) -> None:
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.sizes = [b for b in BATCH_LADDER if b <= max_batch] or [1]

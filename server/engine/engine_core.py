@@ -68,6 +68,7 @@ class EngineStats:
     kv_capacity_tokens: int
     kv_bytes_in_use: int
     compression_ratio: float  # what the loaded splices hold
+    kv_cache_dtype: str  # auto, bf16, fp8, fp8_e4m3, fp8_e5m2 (as configured)
     num_preemptions_total: int
     prompt_tokens_total: int
     generation_tokens_total: int
@@ -281,6 +282,7 @@ class EngineCore:
             kv_capacity_tokens=self.kv_capacity_tokens,
             kv_bytes_in_use=used * lay.block_size * lay.bytes_per_token,
             compression_ratio=lay.compression_ratio,
+            kv_cache_dtype=lay.kv_cache_dtype,
             num_preemptions_total=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,

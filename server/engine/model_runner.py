@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvsplice.cache_layout import CacheLayout
+from kvsplice.cache_layout import CacheLayout, CacheViews
 from kvsplice.model_source import BUILTIN_MODEL_DIR, load_config, resolve_model_path, shipped_config_name
 from kvsplice.patch import make_splices
 from kvsplice.splice import LearnedKVSplice
@@ -104,6 +104,9 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids  # min_tokens holds them back
         self.device = resolve_device(config.device)  # where a step's inputs start (the first GPU)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.kv_cache_dtype == "bf16" and self.dtype != torch.bfloat16:
+            raise ValueError(f"kv_cache_dtype bf16 needs dtype bfloat16 (the model runs in {self.dtype}); the cache "
+                             "holds the model dtype unless it is fp8: use auto, fp8 or fp8_e5m2")
         self.hf_config = source.config
         num_layers = self.hf_config.num_hidden_layers
         self.layer_devices = (split_layers(num_layers, gpu_devices(config.pipeline_parallel_size))
@@ -112,12 +115,14 @@ class ModelRunner:
             raise ValueError("pipeline_parallel_size > 1 needs CUDA devices")
         weights = self._weights(source)
         splices = self._splices(weights)
-        self.layout = CacheLayout.for_splices(self.hf_config, splices, self.dtype, config.block_size)
+        self.layout = CacheLayout.for_splices(self.hf_config, splices, self.dtype, config.block_size,
+                                              config.kv_cache_dtype)
         self.backend = get_backend(self.device, config.attention_backend)
         self.model = DeepseekV2ForCausalLM(self.hf_config, self.layout, self.backend, max_model_len, self.dtype,
                                            self.layer_devices, fused_moe=config.fused_moe)
         self.model.load_weights(weights, splices)
-        self.kv_caches: list[Tensor] = []  # per layer [num_blocks + 1, block_size, width]; the +1 is scratch
+        # Per layer: views of [num_blocks + 1, block_size, row_size]; the +1 is scratch.
+        self.kv_caches: list[CacheViews] = []
         self.graphs: DecodeGraphs | None = None
         self._rows: dict[str, tuple[int, int]] = {}  # request -> (its row of the block table, blocks in it)
         self._free_rows: list[int] = []
@@ -164,8 +169,9 @@ class ModelRunner:
         writes of CUDA-graph padding rows."""
         lay = self.layout
         for device, n in layers_per_device(self.layer_devices).items():
-            shape = (n, num_blocks + 1, lay.block_size, lay.width)
-            self.kv_caches.extend(torch.zeros(shape, dtype=lay.dtype, device=device).unbind(0))
+            shape = (n, num_blocks + 1, lay.block_size, lay.row_size)
+            layers = torch.zeros(shape, dtype=lay.storage_dtype, device=device).unbind(0)
+            self.kv_caches.extend(lay.views(cache) for cache in layers)
         max_blocks = -(-self.max_model_len // lay.block_size)
         self._table = np.zeros((self.config.max_num_seqs, max_blocks), dtype=np.int32)
         self._free_rows = list(range(self.config.max_num_seqs - 1, -1, -1))
@@ -174,7 +180,7 @@ class ModelRunner:
         """On CUDA (unless disabled), capture the decode forward for batch sizes up to max_num_seqs."""
         if self.device.type != "cuda" or not self.config.cuda_graphs or self.multi_device:
             return  # a graph is captured on one device; a layer split runs eagerly
-        scratch_block = self.kv_caches[0].shape[0] - 1
+        scratch_block = self.kv_caches[0].num_blocks - 1
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.config.max_num_seqs,
                                    self.max_model_len, self.layout.block_size, scratch_block, self.device)
 

@@ -6,7 +6,9 @@ Per token t (inputs are views into one fused projection output: rows strided, la
     code = norm_weight * latent * rstd                                 no splice: C = L
     code = z_raw * rstd + z_bias  [then LayerNorm over r, optional]    splice:    C = r
     k_rot = rope(k_pe), q_pe <- rope(q_pe) IN PLACE (every head)
-    kv_cache[slot_mapping[t]] = stored[t] = [code | k_rot] in the cache dtype
+    kv_cache[slot_mapping[t]] = [code | k_rot]                        model-dtype cache
+    kv_cache[slot_mapping[t]] = [fp8(code / s) | s | k_rot], s = amax|code| / FP8_MAX     fp8 cache
+    stored[t] = [code as the cache gives it back | k_rot], model dtype
 RoPE rotates interleaved pairs (x[2i], x[2i+1]) by the angle whose cos/sin are cos[pos, i] and
 sin[pos, i] (already times the attention scaling): (a, b) -> (a cos - b sin, a sin + b cos), which
 is transformers' DeepSeek-V2 `apply_rotary_emb` (a complex product) written out.
@@ -15,7 +17,10 @@ the model folds W_c diag(norm_weight) into the latent down-projection and only t
 1 / rms is left; the latent itself is still needed for that statistic.
 The code is computed in fp32 and rounded once to the cache dtype (transformers' kv_a_layernorm
 rounds the normalised latent to the input dtype before the weight multiply; the two differ by
-at most one bf16 rounding). Rotated queries are rounded to q_pe's dtype.
+at most one bf16 rounding). Rotated queries are rounded to q_pe's dtype. An fp8 cache
+(kvsplice.kv_quant) gets the code quantized here, with its per-token scale, from the fp32 code
+in registers; `stored` then holds the dequantized code, so a fresh prefill attends over exactly
+the values later steps read from the cache.
 
 Work mapping: one program per token. It reads the latent row (L values) and z_raw (r), computes
 the code in registers, rotates k_pe (P/2 pairs, loaded as even and odd lanes), writes the entry
@@ -32,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvsplice.cache_layout import CacheViews
+from kvsplice.kv_quant import MIN_SCALE, dequantize, fp8_max, quantize
 from server.kernels.triton_utils import check_last_dim_contiguous, jit, pad_dim, tl, use_triton
 
 MAX_HEAD_BLOCK = 16  # query heads rotated per loop step: 16 x 32 pairs x 2 values in registers
@@ -74,19 +81,31 @@ def mla_code_torch(latent: Tensor, eps: float, norm_weight: Tensor | None = None
 
 def mla_write_kv_torch(
     latent: Tensor, k_pe: Tensor, q_pe: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-    kv_cache: Tensor, slot_mapping: Tensor, *, norm_weight: Tensor | None = None, eps: float = 1e-6,
+    kv_cache: Tensor | CacheViews, slot_mapping: Tensor, *, norm_weight: Tensor | None = None, eps: float = 1e-6,
     z_raw: Tensor | None = None, z_bias: Tensor | None = None, code_norm_weight: Tensor | None = None,
     code_norm_bias: Tensor | None = None, code_norm_eps: float = 1e-5, stored: Tensor | None = None,
 ) -> Tensor:
     """Reference of `mla_write_kv`, any device; same arguments and effects."""
-    _check(latent, k_pe, q_pe, positions, cos, sin, kv_cache, slot_mapping, norm_weight, z_raw, stored)
+    cache = _views(kv_cache, latent, z_raw)
+    _check(latent, k_pe, q_pe, positions, cos, sin, cache, slot_mapping, norm_weight, z_raw, stored)
     code = mla_code_torch(latent, eps, norm_weight, z_raw, z_bias, code_norm_weight, code_norm_bias, code_norm_eps)
     c, s = cos[positions].float(), sin[positions].float()  # [T, P/2]
     q_pe.copy_(rotate_interleaved(q_pe, c[:, None], s[:, None]))
-    entry = torch.cat([code, rotate_interleaved(k_pe, c, s)], dim=-1).to(kv_cache.dtype)
-    block_size = kv_cache.shape[1]
-    kv_cache[slot_mapping // block_size, slot_mapping % block_size] = entry
+    k_rot = rotate_interleaved(k_pe, c, s).to(cache.rope.dtype)
+    blocks, offsets = slot_mapping // cache.block_size, slot_mapping % cache.block_size
+    if cache.quantized:
+        values, scale = quantize(code, cache.code.dtype)
+        cache.code[blocks, offsets], cache.scale[blocks, offsets] = values, scale
+        code = dequantize(values, scale)
+    else:
+        cache.code[blocks, offsets] = code.to(cache.code.dtype)
+    cache.rope[blocks, offsets] = k_rot
+    entry = torch.cat([code.to(k_rot.dtype), k_rot], dim=-1)
     return entry if stored is None else stored.copy_(entry)
+
+
+def _views(kv_cache: Tensor | CacheViews, latent: Tensor, z_raw: Tensor | None) -> CacheViews:
+    return CacheViews.of(kv_cache, latent.shape[1] if z_raw is None else z_raw.shape[1])
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -128,22 +147,34 @@ def _code(latent_row, z_row, nw_ptr, zb_ptr, lnw_ptr, lnb_ptr, eps, ln_eps,
 @jit
 def _mla_write_kv_kernel(
     latent_ptr, kpe_ptr, z_ptr, qpe_ptr, pos_ptr, cos_ptr, sin_ptr, nw_ptr, zb_ptr, lnw_ptr, lnb_ptr,
-    cache_ptr, slot_ptr, stored_ptr,
+    code_ptr, rope_ptr, scale_ptr, slot_ptr, stored_ptr,
     stride_lat, stride_kpe, stride_z, stride_qt, stride_qh, stride_cos, stride_sin,
-    stride_cb, stride_ct, stride_st, eps, ln_eps,
+    stride_code_b, stride_code_t, stride_rope_b, stride_rope_t, stride_scale_b, stride_scale_t, stride_st,
+    eps, ln_eps, fp8_max, min_scale,
     L: tl.constexpr, C: tl.constexpr, P: tl.constexpr, NH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     L_PAD: tl.constexpr, C_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
     SPLICE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     code = _code(latent_ptr + t * stride_lat, z_ptr + t * stride_z, nw_ptr, zb_ptr, lnw_ptr, lnb_ptr, eps, ln_eps,
                  L, C, L_PAD, C_PAD, SPLICE, HAS_BIAS, HAS_LN, HAS_LN_BIAS)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    cache_row = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    code_row = code_ptr + block * stride_code_b + offset * stride_code_t
+    rope_row = rope_ptr + block * stride_rope_b + offset * stride_rope_t
     stored_row = stored_ptr + t * stride_st
     cols = tl.arange(0, C_PAD)
-    dtype = cache_ptr.dtype.element_ty
-    tl.store(cache_row + cols, code.to(dtype), mask=cols < C)
+    dtype = stored_ptr.dtype.element_ty
+    if FP8:
+        # Padded lanes hold zeros, so they never raise the max.
+        scale = tl.maximum(tl.max(tl.abs(code), axis=0) / fp8_max, min_scale)
+        values = tl.minimum(tl.maximum(code / scale, -fp8_max), fp8_max).to(code_ptr.dtype.element_ty)
+        tl.store(code_row + cols, values, mask=cols < C)
+        tl.store(scale_ptr + block * stride_scale_b + offset * stride_scale_t, scale)
+        code = values.to(tl.float32) * scale
+    else:
+        tl.store(code_row + cols, code.to(dtype), mask=cols < C)
     tl.store(stored_row + cols, code.to(dtype), mask=cols < C)
 
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -152,8 +183,8 @@ def _mla_write_kv_kernel(
     c = tl.load(cos_ptr + pos * stride_cos + half, mask=half_ok, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_sin + half, mask=half_ok, other=0.0).to(tl.float32)
     even, odd = _rotate_pairs(kpe_ptr + t * stride_kpe, half, half_ok, c, s)
-    tl.store(cache_row + C + 2 * half, even.to(dtype), mask=half_ok)
-    tl.store(cache_row + C + 2 * half + 1, odd.to(dtype), mask=half_ok)
+    tl.store(rope_row + 2 * half, even.to(dtype), mask=half_ok)
+    tl.store(rope_row + 2 * half + 1, odd.to(dtype), mask=half_ok)
     tl.store(stored_row + C + 2 * half, even.to(dtype), mask=half_ok)
     tl.store(stored_row + C + 2 * half + 1, odd.to(dtype), mask=half_ok)
 
@@ -174,14 +205,15 @@ def _mla_write_kv_kernel(
 
 def mla_write_kv(
     latent: Tensor, k_pe: Tensor, q_pe: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-    kv_cache: Tensor, slot_mapping: Tensor, *, norm_weight: Tensor | None = None, eps: float = 1e-6,
+    kv_cache: Tensor | CacheViews, slot_mapping: Tensor, *, norm_weight: Tensor | None = None, eps: float = 1e-6,
     z_raw: Tensor | None = None, z_bias: Tensor | None = None, code_norm_weight: Tensor | None = None,
     code_norm_bias: Tensor | None = None, code_norm_eps: float = 1e-5, stored: Tensor | None = None,
     impl: str | None = None,
 ) -> Tensor:
-    """Write [code | rope(k_pe)] of T tokens into kv_cache [N, block_size, C + P] at slot_mapping,
-    rotate q_pe [T, NH, P] in place; returns `stored` [T, C + P] (cache dtype) holding the rows.
+    """Write [code | rope(k_pe)] of T tokens into the cache at slot_mapping, rotate q_pe [T, NH, P]
+    in place; returns `stored` [T, C + P] (model dtype) holding the rows as the cache gives them back.
 
+    kv_cache: a layer's CacheViews (fp8 or not), or a model-dtype tensor [N, block_size, C + P].
     latent [T, L], k_pe [T, P], z_raw [T, r] (splice; None at ratio 1.0, then norm_weight [L] is
     required), positions / slot_mapping [T] int64 (int32 works too), cos / sin [max_pos, P/2].
     """
@@ -191,33 +223,36 @@ def mla_write_kv(
             z_raw=z_raw, z_bias=z_bias, code_norm_weight=code_norm_weight, code_norm_bias=code_norm_bias,
             code_norm_eps=code_norm_eps, stored=stored,
         )
-    dims = _check(latent, k_pe, q_pe, positions, cos, sin, kv_cache, slot_mapping, norm_weight, z_raw, stored)
+    cache = _views(kv_cache, latent, z_raw)
+    dims = _check(latent, k_pe, q_pe, positions, cos, sin, cache, slot_mapping, norm_weight, z_raw, stored)
     if stored is None:
-        stored = torch.empty(dims.tokens, dims.code + dims.rope, dtype=kv_cache.dtype, device=latent.device)
+        stored = torch.empty(dims.tokens, dims.code + dims.rope, dtype=cache.rope.dtype, device=latent.device)
     if dims.tokens == 0:
         return stored
     splice = z_raw is not None
     dummy = latent  # never read: its constexpr flag is off
+    scale = cache.scale if cache.quantized else cache.rope
     _mla_write_kv_kernel[(dims.tokens,)](
         latent, k_pe, z_raw if splice else dummy, q_pe, positions, cos, sin,
         dummy if norm_weight is None else norm_weight, dummy if z_bias is None else z_bias,
         dummy if code_norm_weight is None else code_norm_weight, dummy if code_norm_bias is None else code_norm_bias,
-        kv_cache, slot_mapping, stored,
+        cache.code, cache.rope, scale, slot_mapping, stored,
         latent.stride(0), k_pe.stride(0), z_raw.stride(0) if splice else 0, q_pe.stride(0), q_pe.stride(1),
-        cos.stride(0), sin.stride(0), kv_cache.stride(0), kv_cache.stride(1), stored.stride(0),
-        float(eps), float(code_norm_eps),
-        L=dims.latent, C=dims.code, P=dims.rope, NH=dims.heads, BLOCK_SIZE=kv_cache.shape[1],
+        cos.stride(0), sin.stride(0), cache.code.stride(0), cache.code.stride(1), cache.rope.stride(0),
+        cache.rope.stride(1), scale.stride(0), scale.stride(1), stored.stride(0),
+        float(eps), float(code_norm_eps), fp8_max(cache.code.dtype) if cache.quantized else 1.0, MIN_SCALE,
+        L=dims.latent, C=dims.code, P=dims.rope, NH=dims.heads, BLOCK_SIZE=cache.block_size,
         L_PAD=pad_dim(dims.latent, 16), C_PAD=pad_dim(dims.code, 16), HALF_PAD=pad_dim(dims.rope // 2, 2),
         BLOCK_H=min(MAX_HEAD_BLOCK, pad_dim(dims.heads, 1)),
         SPLICE=splice, HAS_BIAS=splice and z_bias is not None, HAS_LN=splice and code_norm_weight is not None,
         HAS_LN_BIAS=splice and code_norm_weight is not None and code_norm_bias is not None,
-        num_warps=4,
+        FP8=cache.quantized, num_warps=4,
     )
     return stored
 
 
 def _check(latent: Tensor, k_pe: Tensor, q_pe: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-           kv_cache: Tensor, slot_mapping: Tensor, norm_weight: Tensor | None, z_raw: Tensor | None,
+           cache: CacheViews, slot_mapping: Tensor, norm_weight: Tensor | None, z_raw: Tensor | None,
            stored: Tensor | None) -> _Dims:
     tokens, latent_dim = latent.shape
     rope = k_pe.shape[-1]
@@ -229,16 +264,18 @@ def _check(latent: Tensor, k_pe: Tensor, q_pe: Tensor, positions: Tensor, cos: T
         raise ValueError("without z_raw, norm_weight [L] is required")
     if z_raw is not None and z_raw.shape[0] != tokens:
         raise ValueError(f"z_raw {tuple(z_raw.shape)} does not match latent {tuple(latent.shape)}")
-    if kv_cache.dim() != 3 or kv_cache.shape[2] != code + rope:
-        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} must be [N, block_size, {code} + {rope}]")
+    if cache.code.dim() != 3 or cache.code_dim != code or cache.rope.shape[2] != rope:
+        raise ValueError(f"kv_cache (code {tuple(cache.code.shape)}, rope {tuple(cache.rope.shape)}) must be "
+                         f"[N, block_size, {code}] and [N, block_size, {rope}]")
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != rope // 2:
         raise ValueError(f"cos/sin {tuple(cos.shape)} must be [max_pos, {rope // 2}]")
     if positions.shape != (tokens,) or slot_mapping.shape != (tokens,):
         raise ValueError("positions and slot_mapping must be [T]")
-    if stored is not None and (stored.shape != (tokens, code + rope) or stored.dtype != kv_cache.dtype):
-        raise ValueError(f"stored must be [{tokens}, {code + rope}] in the cache dtype")
+    if stored is not None and (stored.shape != (tokens, code + rope) or stored.dtype != cache.rope.dtype):
+        raise ValueError(f"stored must be [{tokens}, {code + rope}] in the model dtype")
     check_last_dim_contiguous(latent=latent, k_pe=k_pe, z_raw=z_raw, q_pe=q_pe, cos=cos, sin=sin,
-                              kv_cache=kv_cache, stored=stored, positions=positions, slot_mapping=slot_mapping)
+                              kv_cache=cache.code, kv_cache_rope=cache.rope, stored=stored, positions=positions,
+                              slot_mapping=slot_mapping)
     return _Dims(tokens, latent_dim, code, rope, q_pe.shape[1])
 
 

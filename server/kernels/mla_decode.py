@@ -7,8 +7,9 @@ every head attends directly over the stored values of each cached token, `z` (th
     scores[b, h, t] = scale * (q_lat[b, h] . z[b, t] + q_pe[b, h] . k_pe[b, t])   t < context_lens[b]
     out[b, h]       = sum_t softmax_t(scores[b, h])[t] * z[b, t]
 
-Cache layout, per layer: `kv_cache[num_blocks, block_size, r + P]`; token t of sequence b lives at
-block `block_tables[b, t // block_size]`, offset `t % block_size`.
+Cache layout, per layer: `kv_cache[num_blocks, block_size, r + P]`, or its CacheViews (the code,
+the RoPE key and, for an fp8 cache, a per-token scale the code is multiplied by); token t of
+sequence b lives at block `block_tables[b, t // block_size]`, offset `t % block_size`.
 
 A sequence with `context_lens[b] == 0` (a padding row, e.g. of a CUDA-graph batch) gets zeros,
 not NaN, from both implementations.
@@ -18,11 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvsplice.cache_layout import CacheViews
+
 
 def paged_mla_decode_torch(
     q_lat: Tensor,
     q_pe: Tensor,
-    kv_cache: Tensor,
+    kv_cache: Tensor | CacheViews,
     block_tables: Tensor,
     context_lens: Tensor,
     scale: float,
@@ -31,15 +34,15 @@ def paged_mla_decode_torch(
 ) -> Tensor:
     """Plain-torch paged MLA decode; any device. The reference the Triton kernel is checked against.
 
-    q_lat [B, H, r], q_pe [B, H, P], kv_cache [N, block_size, r + P], block_tables [B, max_blocks]
-    (int32), context_lens [B] (int32). `max_context_len`, when given, bounds the blocks gathered
-    (it must be >= every context length). Returns [B, H, r] in q_lat.dtype (written into `out`
-    when given).
+    q_lat [B, H, r], q_pe [B, H, P], kv_cache [N, block_size, r + P] or CacheViews, block_tables
+    [B, max_blocks] (int32), context_lens [B] (int32). `max_context_len`, when given, bounds the
+    blocks gathered (it must be >= every context length). Returns [B, H, r] in q_lat.dtype
+    (written into `out` when given).
     """
     r = q_lat.shape[-1]
-    block_size = kv_cache.shape[1]
-    kv = _gather_sequences(kv_cache, block_tables, block_size, max_context_len)  # [B, T, r + P]
-    z, k_pe = kv[..., :r].float(), kv[..., r:].float()
+    cache = CacheViews.of(kv_cache, r)
+    kv = _gather_sequences(cache, block_tables, max_context_len)  # [B, T, r + P] float32
+    z, k_pe = kv[..., :r], kv[..., r:]
 
     # float32 scores and softmax whatever the model dtype: bf16 exp/sum lose too much over long contexts.
     scores = torch.einsum("bhr,btr->bht", q_lat.float(), z)
@@ -58,16 +61,15 @@ def paged_mla_decode_torch(
     return out
 
 
-def _gather_sequences(
-    kv_cache: Tensor, block_tables: Tensor, block_size: int, max_context_len: int | None
-) -> Tensor:
-    """Copy each sequence's blocks into a padded [B, T, r + P] view (T a multiple of block_size)."""
-    num_blocks = block_tables.shape[1]
+def _gather_sequences(cache: CacheViews, block_tables: Tensor, max_context_len: int | None) -> Tensor:
+    """Copy each sequence's blocks into a padded float32 [B, T, r + P] (T a multiple of block_size),
+    the code dequantized."""
+    num_blocks, block_size = block_tables.shape[1], cache.block_size
     if max_context_len is not None:
         num_blocks = min(num_blocks, max(1, -(-max_context_len // block_size)))
     table = block_tables[:, :num_blocks].long()
-    gathered = kv_cache[table]  # [B, num_blocks, block_size, r + P]
-    return gathered.reshape(table.shape[0], num_blocks * block_size, kv_cache.shape[-1])
+    gathered = cache.rows(table, torch.float32)  # [B, num_blocks, block_size, r + P]
+    return gathered.flatten(1, 2)
 
 
 def _length_mask(context_lens: Tensor, length: int) -> Tensor:
@@ -78,7 +80,7 @@ def _length_mask(context_lens: Tensor, length: int) -> Tensor:
 def paged_mla_decode(
     q_lat: Tensor,
     q_pe: Tensor,
-    kv_cache: Tensor,
+    kv_cache: Tensor | CacheViews,
     block_tables: Tensor,
     context_lens: Tensor,
     scale: float,
@@ -91,7 +93,7 @@ def paged_mla_decode(
     (a python int, >= every context length) only picks how the Triton kernel splits long contexts;
     without it the block table's capacity is used. Pass the same value for every replay of a graph.
     """
-    if kv_cache.is_cuda and _triton_available():
+    if CacheViews.of(kv_cache, q_lat.shape[-1]).code.is_cuda and _triton_available():
         from server.kernels.mla_decode_triton import paged_mla_decode_triton
 
         return paged_mla_decode_triton(

@@ -13,6 +13,10 @@ Work mapping
   own length (no host sync). Each split writes a partial (max, sum, acc); a second small kernel
   merges them. With one split the main kernel normalises and writes the output directly.
 
+fp8 cache (kvsplice.kv_quant): the code tile is loaded as fp8 and widened to the query dtype in
+registers (exact); the per-token scale multiplies the latent scores, and p before the value dot,
+so no dequantized copy of the cache exists anywhere and a tile costs r + 4 + 2P bytes per token.
+
 Nothing here reads device memory on the host, so a call can be captured in a CUDA graph: the split
 count comes from the python int `max_context_len` (or the block table's capacity) and the batch.
 Compile before capturing (run one call eagerly first), as Triton compiles on the first launch.
@@ -27,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kvsplice.cache_layout import CacheViews
 from server.kernels.triton_utils import interpreting  # also patches the CPU interpreter when it runs
 
 LOG2_E = 1.4426950408889634
@@ -48,31 +53,31 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _token_rows(kv_ptr, table_row, t0, tokens, tok_ok, stride_kv_blk, stride_kv_tok,
-                BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Pointers to the cache rows of `tokens` (a BLOCK_T-aligned tile starting at t0)."""
+def _token_blocks(table_row, t0, tokens, tok_ok, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(cache block, offset in it) of `tokens` (a BLOCK_T-aligned tile starting at t0), int64."""
     if BLOCK_SIZE % BLOCK_T == 0:
         # The tile lies inside one cache block: one scalar table read instead of BLOCK_T.
         block = tl.load(table_row + t0 // BLOCK_SIZE).to(tl.int64)
     else:
         block = tl.load(table_row + tokens // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
-    # int64 before the multiply: one cache tensor can exceed 2**31 elements.
-    return kv_ptr + block * stride_kv_blk + (tokens % BLOCK_SIZE) * stride_kv_tok
+    # int64 before the stride multiplies: one cache tensor can exceed 2**31 elements.
+    return block, (tokens % BLOCK_SIZE).to(tl.int64)
 
 
 # Not specialised on values that vary between calls (Triton would recompile when one happens to be
 # 1 or a multiple of 16): the split count and the block table's width.
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_b"])
 def _mla_decode_kernel(
-    q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, context_lens_ptr,
+    q_lat_ptr, q_pe_ptr, code_ptr, rope_ptr, scale_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
     qk_scale, num_splits,
     stride_ql_b, stride_ql_h, stride_qp_b, stride_qp_h,
-    stride_kv_blk, stride_kv_tok, stride_bt_b, stride_o_b, stride_o_h,
+    stride_code_blk, stride_code_tok, stride_rope_blk, stride_rope_tok, stride_scale_blk, stride_scale_tok,
+    stride_bt_b, stride_o_b, stride_o_h,
     H: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
     H_PAD: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT: tl.constexpr, FP8: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,11 +113,19 @@ def _mla_decode_kernel(
     for t0 in range(start, end, BLOCK_T):
         tokens = t0 + tl.arange(0, BLOCK_T)
         tok_ok = tokens < end
-        rows = _token_rows(kv_ptr, table_row, t0, tokens, tok_ok, stride_kv_blk, stride_kv_tok, BLOCK_SIZE, BLOCK_T)
-        z = tl.load(rows[:, None] + cols_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
-        k_pe = tl.load(rows[:, None] + R + cols_p[None, :], mask=tok_ok[:, None] & p_ok[None, :], other=0.0)
+        block, offset = _token_blocks(table_row, t0, tokens, tok_ok, BLOCK_SIZE, BLOCK_T)
+        code_rows = code_ptr + block * stride_code_blk + offset * stride_code_tok
+        rope_rows = rope_ptr + block * stride_rope_blk + offset * stride_rope_tok
+        z = tl.load(code_rows[:, None] + cols_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+        k_pe = tl.load(rope_rows[:, None] + cols_p[None, :], mask=tok_ok[:, None] & p_ok[None, :], other=0.0)
 
-        scores = _dot(q_lat, tl.trans(z), DOT_FP32) + _dot(q_pe, tl.trans(k_pe), DOT_FP32)
+        if FP8:
+            z = z.to(q_lat.dtype)  # exact: every fp8 value is a bf16 value
+            z_scale = tl.load(scale_ptr + block * stride_scale_blk + offset * stride_scale_tok, mask=tok_ok, other=0.0)
+            scores_lat = _dot(q_lat, tl.trans(z), DOT_FP32) * z_scale[None, :]
+        else:
+            scores_lat = _dot(q_lat, tl.trans(z), DOT_FP32)
+        scores = scores_lat + _dot(q_pe, tl.trans(k_pe), DOT_FP32)
         scores = tl.where(tok_ok[None, :], scores * qk_scale, float("-inf"))
 
         # Every tile holds at least one valid token, so m_new is finite and no inf - inf occurs.
@@ -120,8 +133,10 @@ def _mla_decode_kernel(
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        # p is rounded to the cache dtype for the tensor-core dot, as flash attention does.
-        acc = acc * alpha[:, None] + _dot(p.to(z.dtype), z, DOT_FP32)
+        # p is rounded to the code's dtype for the tensor-core dot, as flash attention does; an fp8
+        # code's scale goes into p first (a [H, BLOCK_T] multiply, not [BLOCK_T, R]).
+        pv = p * z_scale[None, :] if FP8 else p
+        acc = acc * alpha[:, None] + _dot(pv.to(z.dtype), z, DOT_FP32)
         m_i = m_new
 
     if SPLIT:
@@ -184,7 +199,7 @@ def _mla_merge_kernel(
 def paged_mla_decode_triton(
     q_lat: Tensor,
     q_pe: Tensor,
-    kv_cache: Tensor,
+    kv_cache: Tensor | CacheViews,
     block_tables: Tensor,
     context_lens: Tensor,
     scale: float,
@@ -201,9 +216,9 @@ def paged_mla_decode_triton(
     tests). No host synchronisation: safe inside CUDA-graph capture once compiled.
     """
     batch, heads, r = q_lat.shape
-    _, block_size, width = kv_cache.shape
-    p_dim = width - r
-    _check_inputs(q_lat, q_pe, kv_cache, block_tables, context_lens, p_dim)
+    cache = CacheViews.of(kv_cache, r)
+    block_size, p_dim = cache.block_size, cache.rope.shape[-1]
+    _check_inputs(q_lat, q_pe, cache, block_tables, context_lens, p_dim)
     if out is None:
         out = torch.empty_like(q_lat, memory_format=torch.contiguous_format)
     elif out.shape != q_lat.shape or out.stride(-1) != 1:
@@ -220,7 +235,7 @@ def paged_mla_decode_triton(
         # The table's capacity bounds every context without reading context_lens on the host.
         max_context_len = block_tables.shape[1] * block_size
     if num_splits is None:
-        num_splits = choose_num_splits(batch, max_context_len, _num_sms(kv_cache.device))
+        num_splits = choose_num_splits(batch, max_context_len, _num_sms(cache.code.device))
     split = num_splits > 1
 
     if split:
@@ -230,14 +245,16 @@ def paged_mla_decode_triton(
     else:
         m_part = l_part = acc_part = out  # unused by the kernel in this mode
 
+    scales = cache.scale if cache.quantized else context_lens  # never read without fp8
     _mla_decode_kernel[(batch, num_splits)](
-        q_lat, q_pe, kv_cache, block_tables, context_lens,
+        q_lat, q_pe, cache.code, cache.rope, scales, block_tables, context_lens,
         out, m_part, l_part, acc_part,
         scale * LOG2_E, num_splits,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        cache.code.stride(0), cache.code.stride(1), cache.rope.stride(0), cache.rope.stride(1),
+        scales.stride(0), scales.stride(-1), block_tables.stride(0), out.stride(0), out.stride(1),
         H=heads, R=r, P=p_dim, H_PAD=h_pad, R_PAD=r_pad, P_PAD=p_pad,
-        BLOCK_SIZE=block_size, BLOCK_T=block_t, SPLIT=split, DOT_FP32=interpreting(),
+        BLOCK_SIZE=block_size, BLOCK_T=block_t, SPLIT=split, FP8=cache.quantized, DOT_FP32=interpreting(),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     if split:
@@ -279,12 +296,15 @@ def choose_num_splits(batch: int, max_context_len: int, num_sms: int = DEFAULT_N
 
 
 def _check_inputs(
-    q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables: Tensor, context_lens: Tensor, p_dim: int
+    q_lat: Tensor, q_pe: Tensor, cache: CacheViews, block_tables: Tensor, context_lens: Tensor, p_dim: int
 ) -> None:
     # The kernel assumes unit stride on the last dim of every tensor it indexes by column.
     if p_dim < 1 or q_pe.shape != (*q_lat.shape[:2], p_dim):
         raise ValueError(f"q_pe {tuple(q_pe.shape)} does not match q_lat {tuple(q_lat.shape)} and cache width")
-    named = (("q_lat", q_lat), ("q_pe", q_pe), ("kv_cache", kv_cache), ("block_tables", block_tables))
+    if cache.code_dim != q_lat.shape[-1]:
+        raise ValueError(f"kv_cache code width {cache.code_dim} does not match q_lat {tuple(q_lat.shape)}")
+    named = (("q_lat", q_lat), ("q_pe", q_pe), ("kv_cache", cache.code), ("kv_cache rope", cache.rope),
+             ("block_tables", block_tables))
     for name, t in named:
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")

@@ -107,12 +107,13 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-def _patch_interpreter_bf16_rounding() -> None:
-    """Make the CPU interpreter round fp32 -> bf16 to nearest even, as the GPU's cvt.rn does.
+def _patch_interpreter_rounding() -> None:
+    """Make the CPU interpreter round fp32 -> bf16 and fp32 -> fp8 to nearest even, as the GPU does.
 
-    Triton 3.6's interpreter truncates that cast (its generic cast passes no rounding mode), which
-    doubles the bf16 error of every kernel under test and breaks bit-exact comparisons with torch.
-    Only ever applied when TRITON_INTERPRET=1.
+    Triton 3.6's interpreter truncates the bf16 cast (its generic cast passes no rounding mode),
+    which doubles the bf16 error of every kernel under test and breaks bit-exact comparisons with
+    torch; its fp8 cast loses the carry into the exponent (7.99 -> 4.0 in e4m3). Both go through
+    torch's conversions here. Only ever applied when TRITON_INTERPRET=1.
     """
     import numpy as np
     from triton.runtime import interpreter
@@ -121,6 +122,16 @@ def _patch_interpreter_bf16_rounding() -> None:
     original = builder.cast_impl
     if getattr(original, "_kvsplice_patched", False):
         return
+
+    fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
+    original_fp_to_fp = builder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar in fp8:
+            values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            data = values.to(fp8[dst_type.scalar]).view(torch.uint8).numpy()
+            return interpreter.TensorHandle(data.reshape(np.shape(src.data)), dst_type.scalar)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
@@ -133,11 +144,12 @@ def _patch_interpreter_bf16_rounding() -> None:
 
     cast_impl._kvsplice_patched = True
     builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
 
 
 if HAS_TRITON and interpreting():
     _patch_interpreter_scalar_index()
-    _patch_interpreter_bf16_rounding()
+    _patch_interpreter_rounding()
 
 
 __all__ = [

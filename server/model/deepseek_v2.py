@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvsplice.cache_layout import CacheLayout
+from kvsplice.cache_layout import CacheLayout, CacheViews
 from kvsplice.splice import LearnedKVSplice
 from server.attention.backend import AttentionBackend
 from server.attention.metadata import AttentionMetadata
@@ -170,7 +170,7 @@ class MLAAttention(nn.Module):
         """[H, v, code]: values' up-projection (applied to the attended code at decode)."""
         return self.w_kv.view(self.num_heads, self.nope_dim + self.v_dim, self.code_dim)[:, self.nope_dim:]
 
-    def forward(self, x: Tensor, positions: Tensor, rope: RotaryEmbedding, kv_cache: Tensor,
+    def forward(self, x: Tensor, positions: Tensor, rope: RotaryEmbedding, kv_cache: CacheViews,
                 meta: AttentionMetadata) -> Tensor:
         a = F.linear(x, self.fused_a, self.fused_a_bias)
         q, latent, k_pe, z = a.split([self.q_width, self.latent_dim, self.rope_dim, self.z_width], dim=-1)
@@ -267,7 +267,7 @@ class DecoderLayer(nn.Module):
                     else MoE(config, dtype, device, fused_moe))
 
     def forward(self, h: Tensor, residual: Tensor | None, positions: Tensor, rope: RotaryEmbedding,
-                kv_cache: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+                kv_cache: CacheViews, meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
@@ -302,7 +302,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.rope = {d: RotaryEmbedding(config, max_positions).to(d) for d in dict.fromkeys(layer_devices)}
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[Tensor],
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[CacheViews],
                 meta: AttentionMetadata) -> Tensor:
         """Final-norm hidden states [T, hidden] of the flattened batch; the caches get its rows."""
         h, residual = self.embed_tokens(input_ids), None
