@@ -37,6 +37,7 @@ class Session:
             "url": target.url, "model": target.info.model, "max_model_len": target.info.max_model_len,
             "metrics": first is not None,
             "compression_ratio": first.compression_ratio if first else None,
+            "kv_cache_dtype": first.kv_cache_dtype if first else None,
             "kv_bytes_per_token": first.kv_bytes_per_token if first else None,
             "kv_capacity_tokens": first.kv_capacity_tokens if first else None,
         })

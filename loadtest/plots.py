@@ -54,8 +54,11 @@ def _x_axis(axis, runs: dict[str, list[dict]]) -> None:
 
 
 def _server_name(doc: dict, label: str) -> str:
-    ratio = (doc["servers"].get(label) or {}).get("compression_ratio")
-    return f"{label} (ratio {ratio:g})" if ratio is not None else label
+    server = doc["servers"].get(label) or {}
+    ratio, kv_dtype = server.get("compression_ratio"), server.get("kv_cache_dtype")
+    if ratio is None:
+        return label
+    return f"{label} (ratio {ratio:g}" + (f", {kv_dtype})" if kv_dtype not in (None, "auto") else ")")
 
 
 def _throughput(doc: dict):

@@ -59,8 +59,10 @@ def _load(load: list[float] | None) -> str:
 
 
 def _setup(doc: dict) -> str:
-    headers = ["server", "URL", "model", "compression ratio", "KV bytes/token", "KV capacity tokens", "max_model_len"]
-    rows = [[label, s["url"], f"`{s['model']}`", num(s["compression_ratio"], 2), count(s["kv_bytes_per_token"]),
+    headers = ["server", "URL", "model", "compression ratio", "KV cache dtype", "KV bytes/token", "KV capacity tokens",
+               "max_model_len"]
+    rows = [[label, s["url"], f"`{s['model']}`", num(s["compression_ratio"], 2), s.get("kv_cache_dtype") or "-",
+             count(s["kv_bytes_per_token"]),
              count(s["kv_capacity_tokens"]), str(s["max_model_len"] or "-")] for label, s in doc["servers"].items()]
     workload = doc["workload"]
     limits = doc["limits"]

@@ -30,6 +30,7 @@ SERIES = {
     "preemptions": "num_preemptions_total",
 }
 SUCCESS = "request_success_total"
+CACHE_CONFIG = "cache_config_info"  # labels describe the cache (kv_cache_dtype, ...); value 1
 SCRAPE_TIMEOUT_S = 5.0
 
 
@@ -46,6 +47,7 @@ class MetricsSnapshot:
     kv_bytes_per_token: float | None = None
     kv_capacity_tokens: float | None = None
     compression_ratio: float | None = None
+    kv_cache_dtype: str | None = None  # from cache_config_info's label (auto, fp8, ...)
     prompt_tokens: float | None = None
     generation_tokens: float | None = None
     preemptions: float | None = None
@@ -61,6 +63,7 @@ def parse_metrics(text: str, t_s: float, prefix: str = "kvsplice:") -> MetricsSn
     names = {prefix + metric: attr for attr, metric in SERIES.items()}
     values: dict[str, float] = {}
     finished: dict[str, float] = {}
+    kv_cache_dtype = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in names:
@@ -69,7 +72,9 @@ def parse_metrics(text: str, t_s: float, prefix: str = "kvsplice:") -> MetricsSn
             elif sample.name == prefix + SUCCESS:
                 reason = sample.labels.get("finished_reason", "")
                 finished[reason] = finished.get(reason, 0.0) + sample.value
-    return MetricsSnapshot(t_s, **values, finished=finished)
+            elif sample.name == prefix + CACHE_CONFIG:
+                kv_cache_dtype = sample.labels.get("kv_cache_dtype", kv_cache_dtype)
+    return MetricsSnapshot(t_s, **values, kv_cache_dtype=kv_cache_dtype, finished=finished)
 
 
 def counter_delta(before: MetricsSnapshot | None, after: MetricsSnapshot | None, attr: str) -> float | None:

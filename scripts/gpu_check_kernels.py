@@ -322,9 +322,9 @@ def aot_report(capability: int = 90) -> list[dict]:
     divisible = CUDABackend(target).parse_attr("D")  # what a launch marks on 16-divisible args
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     fn = triton_mla._mla_decode_kernel
-    pointers = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": "*i32",
-                "context_lens_ptr": "*i32", "out_ptr": "*bf16", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32",
-                "acc_part_ptr": "*fp32"}
+    pointers = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "code_ptr": "*bf16", "rope_ptr": "*bf16",
+                "scale_ptr": "*i32", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "out_ptr": "*bf16",
+                "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "acc_part_ptr": "*fp32"}
     entries = []
     for r in GPU_RANKS:
         block_t, warps, stages = default_launch_config(r)
@@ -332,10 +332,11 @@ def aot_report(capability: int = 90) -> list[dict]:
             for split in (False, True):
                 width = r + ROPE_DIM
                 ints = dict(num_splits=3, stride_ql_b=HEADS * width, stride_ql_h=width, stride_qp_b=HEADS * width,
-                            stride_qp_h=width, stride_kv_blk=block_size * width, stride_kv_tok=width,
-                            stride_bt_b=3, stride_o_b=HEADS * r, stride_o_h=r)
-                consts = dict(H=HEADS, R=r, P=ROPE_DIM, H_PAD=HEADS, R_PAD=r, P_PAD=ROPE_DIM, BLOCK_SIZE=block_size,
-                              BLOCK_T=block_t, SPLIT=split, DOT_FP32=False)
+                            stride_qp_h=width, stride_bt_b=3, stride_o_b=HEADS * r, stride_o_h=r)
+                consts = dict(stride_code_blk=block_size * width, stride_code_tok=width,
+                              stride_rope_blk=block_size * width, stride_rope_tok=width, stride_scale_blk=1,
+                              stride_scale_tok=1, H=HEADS, R=r, P=ROPE_DIM, H_PAD=HEADS, R_PAD=r, P_PAD=ROPE_DIM,
+                              BLOCK_SIZE=block_size, BLOCK_T=block_t, SPLIT=split, FP8=False, DOT_FP32=False)
                 signature = {**pointers, "qk_scale": "fp32", **{k: "i32" for k in ints},
                              **{k: "constexpr" for k in consts}}
                 signature = {name: signature[name] for name in fn.arg_names}

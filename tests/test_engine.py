@@ -239,3 +239,8 @@ def test_block_table_rows_come_back_when_the_engine_goes_idle(checkpoint_dirs):
         assert outs["0"].finish_reason == "length"
         engine.step()  # idle, as the server's engine loop steps: the plan carries only releases
     assert len(engine.core.runner._free_rows) == 2
+
+
+def test_bf16_cache_on_a_float32_model_is_refused_with_the_alternatives(checkpoint_dirs):
+    with pytest.raises(ValueError, match="kv_cache_dtype bf16 needs dtype bfloat16.*auto, fp8"):
+        LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=2 << 20, kv_cache_dtype="bf16"))
