@@ -158,6 +158,9 @@ class Settings(BaseSettings):
         10.0, description="a connection whose request headers are not complete in this time is closed (408)")
     request_body_timeout_s: Annotated[float, _at_least(0.1)] = Field(
         30.0, description="a request body not received in full within this time gets 408")
+    vllm_metric_names: bool = Field(
+        True, description="also expose every /metrics series under vLLM's vllm: prefix (with the older names "
+                          "vLLM's example dashboard queries), so dashboards and alerts written for vLLM work")
     enable_log_requests: bool = Field(
         True, description="log one info line per finished request (id, finish reason, tokens, TTFT, latency)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")

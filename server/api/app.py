@@ -22,7 +22,8 @@ def build_app(engine, settings: Settings) -> FastAPI:
     """An app serving `engine` (constructed, not yet started: the app's lifespan starts and stops it)."""
     names = settings.served_model_name or [engine.model_name]
     model_name = names[0]
-    metrics = ServerMetrics(engine, model_name, log_requests=settings.enable_log_requests)
+    metrics = ServerMetrics(engine, model_name, log_requests=settings.enable_log_requests,
+                            vllm_names=settings.vllm_metric_names)
     client = EngineClient(engine, metrics, settings.max_num_seqs, settings.max_waiting_requests)
     ctx = ServerContext(engine=engine, settings=settings, client=client, metrics=metrics,
                         model_name=model_name, model_names=tuple(names), token_text=TokenText(engine.tokenizer))

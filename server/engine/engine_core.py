@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from server.engine import faults
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
+from server.engine.iteration_stats import IterationTokens
 from server.engine.model_runner import ModelRunner, ModelSource
 from server.engine.outputs import RequestTimes, TokenLogprob
 from server.engine.scheduler import Scheduler
@@ -74,6 +75,7 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int  # of which were cached
+    iteration_tokens: IterationTokens  # tokens per step (a copy: the engine's own keeps counting)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.iteration_tokens = IterationTokens()
         self._consecutive_step_failures = 0
         self.async_scheduling = config.async_scheduling
         self._in_flight: InFlight | None = None
@@ -163,6 +166,7 @@ class EngineCore:
             outputs.extend(self._fail_step(plan, exc))
             return None
         flight = InFlight(plan, pending, {})
+        self.iteration_tokens.observe(sum(len(w.token_ids) for w in plan.work))
         for w in plan.work:
             seq = self.seqs[w.request_id]
             if w.resumed and not seq.num_preemptions:  # admitted for the first time (its cached prefix counts too)
@@ -288,4 +292,5 @@ class EngineCore:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries_total=self.blocks.query_tokens,
             prefix_cache_hits_total=self.blocks.hit_tokens,
+            iteration_tokens=self.iteration_tokens.snapshot(),
         )
