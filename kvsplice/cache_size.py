@@ -55,7 +55,7 @@ class KVCacheSize:
 
 
 def get_kv_cache_size(
-    config,
+    config,  # a model config, a model (its .config), or a name: shipped (deepseek-v2-lite), hub id or path
     batch_size: int = 1,
     seq_len: int = 1,
     compression_ratio: float = 1.0,
@@ -64,6 +64,13 @@ def get_kv_cache_size(
 ) -> KVCacheSize:
     """Breakdown of the cache for `batch_size` sequences of `seq_len` tokens at a compression ratio,
     stored in the model `dtype` or, with kv_cache_dtype fp8*, as an fp8 code with per-token scales."""
+    if isinstance(config, str):
+        from kvsplice.model_source import load_config
+
+        config = load_config(config)
+    config = getattr(config, "config", config)  # a transformers model
+    if getattr(config, "kv_lora_rank", None) is None:
+        raise ValueError(f"{type(config).__name__} has no kv_lora_rank: not an MLA (DeepSeek-V2) config")
     layout = CacheLayout.for_ratio(config, compression_ratio, dtype, kv_cache_dtype=kv_cache_dtype)
     return KVCacheSize(layout, batch_size, seq_len, compression_ratio)
 

@@ -80,7 +80,9 @@ def build_splices(
     if init == "pca":
         if fit_windows is None:
             raise ValueError("pca needs calibration windows")
-        return pca_splices(collect_latents(model, _batches(fit_windows, batch_size)), ratio)
+        batches = list(_batches(fit_windows, batch_size))
+        latents = collect_latents(model, batches, desc="latents for PCA")
+        return pca_splices(latents, ratio, progress=True)
     if init not in CALIB_INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {CALIB_INITS}")
     return make_splices(model.config, ratio, init, seed=seed)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kvsplice.cache_size import get_kv_cache_size
 from kvsplice.cli import kv_dtype_list, positive_int, ratio_list
@@ -181,18 +182,22 @@ def bench(args) -> list[Row]:
         print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     if not args.skip_transformers:
         rows += bench_transformers(args, device, dtype, vocab)
+    progress = tqdm(total=len(engine_systems(args)) * sum(len(w.batch_sizes) for w in args.workload),
+                    desc="engine rows", unit="row")
     for kv_cache_dtype, ratio in engine_systems(args):
         engine = LLMEngine(engine_config(args, device, ratio, kv_cache_dtype))
         for w in args.workload:
             for b in w.batch_sizes:
                 rows.append(bench_engine_row(engine, w, b, ratio, config, bandwidth, args.trials, vocab))
                 print_row(rows[-1])
+                progress.update()
         for batch in args.profile_batch or []:
             name = system_name(ratio, kv_cache_dtype).replace("engine@", "").replace(",", "_")
             profile_decode(engine, vocab, batch, args.workload[0].prompt_len, device,
                            args.out and Path(args.out).with_name(f"profile_engine_{name}_batch{batch}.txt"))
         del engine
         free_memory(device)
+    progress.close()
     return rows
 
 
@@ -297,9 +302,9 @@ def profile_decode(engine: LLMEngine, vocab: int, batch: int, prompt_len: int, d
 
 def print_row(row: Row) -> None:
     step = row.extra.get("decode_step_ms")
-    print(f"  {row.system:<14} prompt {row.prompt_len:>5} new {row.new_tokens:>4} batch {row.batch:>4}: "
+    tqdm.write(f"  {row.system:<14} prompt {row.prompt_len:>5} new {row.new_tokens:>4} batch {row.batch:>4}: "
           f"{row.output_tok_s:>9.1f} tok/s  ttft {row.ttft_s:.3f}s"
-          + (f"  decode step {step:.2f} ms" if step is not None else ""), flush=True)
+          + (f"  decode step {step:.2f} ms" if step is not None else ""))
 
 
 def step_cell(row: Row | None) -> str:
@@ -308,6 +313,14 @@ def step_cell(row: Row | None) -> str:
         return "-"
     fraction = row.extra["bandwidth_fraction"]
     return f"{row.extra['decode_step_ms']:.2f}" + ("" if math.isnan(fraction) else f" ({100 * fraction:.0f}%)")
+
+
+def tok_s_cell(row: Row | None) -> str:
+    """Output tok/s: the median, and the spread over the trials when there were several."""
+    if row is None:
+        return "-"
+    spread = row.extra.get("tok_s_spread") or []
+    return f"{row.output_tok_s:.1f}" + (f" ({min(spread):.0f}-{max(spread):.0f})" if len(spread) > 1 else "")
 
 
 def table(rows: list[Row], engines: list[str]) -> str:
@@ -327,7 +340,7 @@ def table(rows: list[Row], engines: list[str]) -> str:
     for shape in shapes:
         get = lambda s: keyed.get((s, *shape))  # noqa: E731
         cells = [str(v) for v in shape]
-        cells += [f"{get(s).output_tok_s:.1f}" if get(s) else "-" for s in systems]
+        cells += [tok_s_cell(get(s)) for s in systems]
         cells += [f"{get(s).ttft_s:.3f}" if get(s) else "-" for s in systems[1:]]
         cells += [f"{get(s).kv_bytes_per_token:,}" if get(s) else "-" for s in systems[1:]]
         cells += [step_cell(get(s)) for s in systems[1:]]
@@ -358,6 +371,8 @@ def environment(device: torch.device) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.shape is not None and args.model != "builtin":
         raise SystemExit("kvsplice bench: give --model or --shape, not both")
+    if args.batch_sizes:  # the original guide's interface: --batch-sizes with --seq-len (and --new-tokens)
+        args.workload = [*(args.workload or []), Workload(args.seq_len, args.new_tokens, args.batch_sizes)]
     args.workload = args.workload or [Workload(64, 32, [1, 8, 32])]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +397,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workload", type=Workload.parse, action="append",
                    help="PROMPT:NEW:B1,B2,... (repeatable; default 64:32:1,8,32)")
-    p.add_argument("--ratios", type=ratio_list, default=[1.0, 0.5], help="engine compression ratios (1.0 first)")
+    p.add_argument("--ratios", "--compression-ratio", dest="ratios", type=ratio_list, default=[1.0, 0.5],
+                   help="engine compression ratios, comma list (1.0 first; --compression-ratio is the original "
+                        "guide's name)")
     p.add_argument("--kv-cache-dtypes", type=kv_dtype_list, default=["auto"],
                    help="cache storages, comma list (auto, fp8, fp8_e5m2): every ratio with every one (default auto)")
     p.add_argument("--kv-cache-bytes", type=positive_int, default=None)
@@ -398,7 +415,12 @@ def register(subparsers) -> None:
                    help="skip transformers rows above this batch (its generate is slow at large batch)")
     p.add_argument("--profile-batch", type=lambda text: [positive_int(b) for b in text.split(",")], default=None,
                    help="after the rows, profile decode steps at these batch sizes (e.g. 1,256) for each ratio")
-    p.add_argument("--trials", type=positive_int, default=1, help="timed runs per row (after a warm-up); medians")
+    p.add_argument("--batch-sizes", type=lambda text: [positive_int(b) for b in text.split(",")], default=None,
+                   help="with --seq-len and --new-tokens: one workload at these batch sizes (e.g. 1,4,8,16)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="prompt tokens for --batch-sizes (default 512)")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="generated tokens for --batch-sizes (default 128)")
+    p.add_argument("--trials", type=positive_int, default=1,
+                   help="timed runs per row (after a warm-up): medians, and the tok/s spread (min-max) in the table")
     p.add_argument("--out", default=None, help="write JSON here")
     p.set_defaults(func=run, workload=None)
 

@@ -18,7 +18,11 @@ from server.settings import InvalidSettings, Settings, load_settings
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would blame the top-level command and print its usage; the subcommand's says more.
+        command = getattr(args, "parser", parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(subparsers)
     register_library_commands(subparsers)
     bench.register(subparsers)
+    for command in subparsers.choices.values():
+        command.set_defaults(parser=command)  # main() reports stray arguments with this command's usage
     return parser
 
 

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         None, description="names clients may use in 'model', the first reported in responses (default: the "
                           "model's name); in env and files comma-separated")
     trust_remote_code: bool = Field(False, description="allow custom model code from the model repo")
+    tokenizer: str | None = Field(None, description="tokenizer hub id or path (default: the model's)")
+    revision: str | None = Field(None, description="the model's revision on the hub: a branch, tag or commit")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, inline or a file, instead of the tokenizer's")
+    max_logprobs: Annotated[int, _at_least(0)] = Field(
+        20, description="the most log-probabilities per token a request may ask for (logprobs, top_logprobs)")
     seed: Annotated[int, AfterValidator(_in_seed_range)] = Field(
         0, description="seeds the data-free orthogonal splices and dummy weights (requests seed their own sampling)")
     # How to run it.
@@ -124,8 +130,9 @@ class Settings(BaseSettings):
     tensor_parallel_size: AtLeastOne = Field(
         1, description="accepted for deployments; not implemented yet (logs a warning)")
     # KVSplice and the KV cache.
-    compression_ratio: UnitFraction = Field(
-        1.0, description="fraction of the latent dims stored, in (0, 1]; 1.0 = plain MLA")
+    compression_ratio: UnitFraction | None = Field(
+        None, description="fraction of the latent dims stored, in (0, 1]; 1.0 = plain MLA (default: the splice "
+                          "file's ratio with --splice-file, else 1.0)")
     splice_file: str | None = Field(None, description="calibrated splice file (safetensors)")
     splice_init: Literal["truncate", "orthogonal"] = Field(
         "truncate", description="data-free splice initialisation when there is no splice file (pca and learned "

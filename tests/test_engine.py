@@ -84,6 +84,22 @@ def test_half_ratio_matches_patched_transformers(variant_model, tmp_path):
     assert_matches_transformers(outs, model, tokenizer)
 
 
+def test_splice_file_alone_sets_the_ratio_and_zero_shot_warns(checkpoint_dirs, tmp_path, caplog):
+    path = checkpoint_dirs["lite"]
+    model, tokenizer = load(path)
+    splices = pca_splices(collect_latents(model, [torch.tensor([tokenizer.encode(p)]) for p in PROMPTS]), 0.5)
+    splice_file = save_splices(tmp_path / "s.safetensors", splices, model)
+    with caplog.at_level("WARNING"):
+        from_file = LLMEngine(EngineConfig(model=path, splice_file=str(splice_file), kv_cache_bytes=2 << 20))
+    assert from_file.stats().compression_ratio == 0.5 and "zero-shot" not in caplog.text
+    with pytest.raises(ValueError, match="has compression_ratio 0.5, the engine is set to 0.25"):
+        LLMEngine(EngineConfig(model=path, splice_file=str(splice_file), compression_ratio=0.25,
+                               kv_cache_bytes=2 << 20))
+    with caplog.at_level("WARNING"):
+        LLMEngine(EngineConfig(model=path, compression_ratio=0.5, kv_cache_bytes=2 << 20))
+    assert "zero-shot 'truncate' splice costs quality" in caplog.text and "kvsplice calibrate" in caplog.text
+
+
 def test_preemption_keeps_greedy_output_and_frees_blocks(checkpoint_dirs):
     path = checkpoint_dirs["lite"]
     prompts = PROMPTS * 2

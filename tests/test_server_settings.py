@@ -21,7 +21,7 @@ def clean_env(monkeypatch):
 def test_defaults():
     s = load_settings()
     assert (s.model, s.host, s.port) == ("builtin", "127.0.0.1", 8000)
-    assert (s.compression_ratio, s.max_waiting_requests) == (1.0, 256)
+    assert (s.compression_ratio, s.max_waiting_requests) == (None, 256)  # None: the splice file's, else 1.0
     assert s.tensor_parallel_size == 1 and s.api_key is None and not s.metrics_require_api_key
     assert (s.max_request_body_bytes, s.request_header_timeout_s, s.request_body_timeout_s) == (8 * 2**20, 10.0, 30.0)
 

@@ -111,3 +111,33 @@ def test_each_finished_request_gets_a_log_line_unless_disabled(server_factory):
         running.process.wait(timeout=TIMEOUT)
     assert "finished (length): 2 prompt + 3 generated tokens" in logged.log()
     assert "finished (" not in quiet.log()
+
+
+def test_tokenizer_chat_template_and_max_logprobs_flags(server_factory, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}ASSISTANT:")
+    running = server_factory("--tokenizer", "builtin", "--chat-template", str(template), "--max-logprobs", "2")
+    messages = [{"role": "user", "content": "Say hello."}]
+    via_template = post(running, "/tokenize", {"messages": messages, "return_token_strs": True}).json()
+    expected = post(running, "/tokenize", {"prompt": "[user] Say hello.\nASSISTANT:",
+                                           "add_special_tokens": False}).json()
+    assert via_template["tokens"] == expected["tokens"]
+    ok = post(running, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 1, "logprobs": 2})
+    assert ok.status_code == 200, ok.text
+    r = post(running, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 1, "logprobs": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs" and "max_logprobs" in r.text
+
+
+def test_bad_chat_template_or_tokenizer_stops_start_up_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    for flags, words in ((["--chat-template", "{% for %}"], "chat_template"),
+                         (["--chat-template", str(tmp_path / "missing.jinja")], "chat_template: file not found"),
+                         (["--tokenizer", str(tmp_path / "no-such-dir")], "tokenizer")):
+        proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", "1", *flags], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=180, env={"HF_HUB_OFFLINE": "1",
+                                                                               **__import__("os").environ})
+        assert proc.returncode == 2 and words in proc.stderr, (flags, proc.stderr[-1500:])

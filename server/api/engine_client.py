@@ -136,6 +136,8 @@ class EngineClient:
         if self._cut_reason is not None:
             raise APIError(503, self._cut_reason)
         self.check_count(len(prompts))
+        with engine_rule():
+            self.engine.check_params(params)
         for prompt in prompts:
             self.check_fits(prompt, params.max_tokens)
         self._admit(len(prompts))

@@ -34,6 +34,7 @@ class AsyncLLMEngine:
         # The engine's admission rules read only what is fixed at start-up: safe from any thread.
         self.check_token_ids = self.engine.check_token_ids
         self.check_fits = self.engine.check_fits
+        self.check_params = self.engine.check_params
         self._commands: queue.Queue = queue.Queue()  # (kind, payload) from the event loop to the thread
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.engine.stats()

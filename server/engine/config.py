@@ -11,7 +11,7 @@ class EngineConfig:
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights of its shape (speed tests)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
-    compression_ratio: float = 1.0  # fraction of the kv_lora_rank latent dims stored; 1.0 = plain MLA
+    compression_ratio: float | None = None  # fraction of the latent dims stored; None: the splice file's, else 1.0
     splice_file: str | None = None  # calibrated splices (safetensors); None: initialise with `splice_init`
     splice_init: str = "truncate"  # used only without splice_file: truncate | orthogonal
     kv_cache_bytes: int | None = None  # KV budget in bytes; wins over the fraction when set
@@ -28,4 +28,8 @@ class EngineConfig:
     fused_moe: bool = True  # the Triton routed-experts kernel on CUDA (False: the plain-torch reference)
     attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton
     trust_remote_code: bool = False
+    tokenizer: str | None = None  # hub id or path; None: the model's own
+    revision: str | None = None  # the model's hub revision (branch, tag or commit)
+    chat_template: str | None = None  # a Jinja template, or a file holding one; None: the tokenizer's
+    max_logprobs: int = 20  # the most log-probabilities per token a request may ask for
     seed: int = 0

@@ -7,6 +7,7 @@ runs it in a background thread; `LLM` drives it synchronously.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -33,12 +34,43 @@ class PromptRejected(ValueError):
         self.param = param
 
 
+def load_tokenizer(config: EngineConfig, model_dir: str):
+    """The model's tokenizer, or `config.tokenizer` (a hub id or path), with `config.chat_template`
+    (inline Jinja, or a file) in place of its own; ValueError naming the setting when either fails."""
+    from kvsplice.model_source import resolve_model_path
+
+    source = resolve_model_path(config.tokenizer) if config.tokenizer else model_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tokenizer: cannot load {source!r}: {str(exc).splitlines()[0]}") from exc
+    if config.chat_template:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """A template given inline or as a file name (vLLM takes both); checked by compiling it."""
+    import jinja2
+
+    path = Path(value)
+    looks_like_file = "{" not in value and (path.suffix in (".jinja", ".j2", ".txt") or "/" in value)
+    if looks_like_file and not path.is_file():
+        raise ValueError(f"chat_template: file not found: {value}")
+    text = path.read_text() if looks_like_file else value
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template: not a valid Jinja template: {exc}") from exc
+    return text
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         source = locate_model(config)
         self.hf_config = source.config
-        self.tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = load_tokenizer(config, source.tokenizer_dir)
         self.max_model_len = self._max_model_len(config)
         self.core = EngineCore(config, self.max_model_len, source, self._eos_ids())
         self.outputs = OutputProcessor(self.tokenizer)
@@ -89,10 +121,17 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self.check_fits(len(ids), params.max_tokens)
-        if any(t >= self.hf_config.vocab_size for t in params.logit_bias):
-            raise PromptRejected(f"logit_bias: token ids must be in [0, {self.hf_config.vocab_size})", "logit_bias")
+        self.check_params(params)
         self.outputs.add(request_id, ids, params)
         self.core.add(Sequence(request_id, list(ids), params))
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Sampling parameters this engine can honour (its vocabulary, its max_logprobs)."""
+        if any(t >= self.hf_config.vocab_size for t in params.logit_bias):
+            raise PromptRejected(f"logit_bias: token ids must be in [0, {self.hf_config.vocab_size})", "logit_bias")
+        for field in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, field) or 0) > self.config.max_logprobs:
+                raise PromptRejected(f"{field}: at most {self.config.max_logprobs} (the server's max_logprobs)", field)
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """A request the engine can ever serve; the API asks the same before it streams anything."""

@@ -76,7 +76,7 @@ def locate_model(config: EngineConfig) -> ModelSource:
     if config.load_format == "dummy" and shipped_config_name(config.model):
         # A shipped public shape with random weights: no download; the built-in tokenizer supplies ids.
         return ModelSource(load_config(config.model), str(BUILTIN_MODEL_DIR), None)
-    directory = checkpoint_directory(resolve_model_path(config.model))
+    directory = checkpoint_directory(resolve_model_path(config.model), config.revision)
     hf_config = load_config(str(directory), trust_remote_code=config.trust_remote_code)
     weights = None if config.load_format == "dummy" else str(directory)
     return ModelSource(hf_config, str(directory), weights)
@@ -144,12 +144,17 @@ class ModelRunner:
         if cfg.splice_file:
             kv_a = weights.get(FINGERPRINT_WEIGHT, (hf.kv_lora_rank + hf.qk_rope_head_dim, hf.hidden_size))
             splices = load_splices(cfg.splice_file, config=hf, model_fingerprint_value=fingerprint(hf, kv_a))
-            if abs(splices[0].compression_ratio - cfg.compression_ratio) > 1e-9:
+            wanted = splices[0].compression_ratio if cfg.compression_ratio is None else cfg.compression_ratio
+            if abs(splices[0].compression_ratio - wanted) > 1e-9:
                 raise ValueError(f"splice_file {cfg.splice_file} has compression_ratio "
                                  f"{splices[0].compression_ratio}, the engine is set to {cfg.compression_ratio}")
-        elif cfg.compression_ratio == 1.0:
+        elif cfg.compression_ratio in (None, 1.0):
             return [None] * hf.num_hidden_layers
         else:
+            log.warning("compression_ratio %g without a splice file: the zero-shot %r splice costs quality (+54%% "
+                        "perplexity at 0.5 on the built-in model, docs/quality.md); make one with `kvsplice "
+                        "calibrate --model %s --compression-ratio %g --init pca --out FILE` and serve with "
+                        "--splice-file FILE", cfg.compression_ratio, cfg.splice_init, cfg.model, cfg.compression_ratio)
             splices = make_splices(hf, cfg.compression_ratio, cfg.splice_init, seed=cfg.seed)
         return [s.to(device=d, dtype=torch.float32).eval() for s, d in zip(splices, self.layer_devices)]
 

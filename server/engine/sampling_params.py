@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # the engine's default cap (its max_logprobs setting); checked at add_request
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 # Below this temperature sampling is greedy (vLLM's convention): dividing logits by a tiny
 # temperature overflows float32 to inf, and the softmax of that is NaN.
@@ -58,11 +58,8 @@ class SamplingParams:
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              f"seed must be a 64-bit signed integer, in [{SEED_MIN}, {SEED_MAX}]"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
-                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
-            ),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 and _finite(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
                  for t, b in self.logit_bias.items()),
