@@ -197,10 +197,10 @@ _SAMPLING = {"temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k
              "seed": st.integers(0, 2**32), "stop": stops, "stream": st.booleans(), "ignore_eos": st.booleans(),
              "max_tokens": token_counts}
 # Fitting values are the accepted ones: the refused ones come from the hostile draws.
-_OPENAI = {"model": st.just(MODEL), "n": st.just(1), "min_tokens": st.integers(0, 2),
+_OPENAI = {"model": st.just(MODEL), "n": st.integers(1, 2), "min_tokens": st.integers(0, 2),
            "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-           "presence_penalty": st.just(0.0), "frequency_penalty": st.just(0.0), "logit_bias": st.just({}),
-           "best_of": st.sampled_from([None, 1])}
+           "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "logit_bias": st.just({}),
+           "best_of": st.none()}
 FIELDS: dict[str, dict[str, st.SearchStrategy]] = {
     GENERATE: {"prompt": st.one_of(texts, st.lists(texts, max_size=4)), **_SAMPLING},
     COMPLETIONS: {"prompt": prompts, **_SAMPLING, **_OPENAI, "logprobs": st.integers(0, 5), "echo": st.booleans(),

@@ -260,3 +260,43 @@ def test_block_table_rows_come_back_when_the_engine_goes_idle(checkpoint_dirs):
 def test_bf16_cache_on_a_float32_model_is_refused_with_the_alternatives(checkpoint_dirs):
     with pytest.raises(ValueError, match="kv_cache_dtype bf16 needs dtype bfloat16.*auto, fp8"):
         LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], kv_cache_bytes=2 << 20, kv_cache_dtype="bf16"))
+
+
+@torch.no_grad()
+def penalized_greedy(model, prompt_ids: list[int], n: int, presence: float, frequency: float,
+                     repetition: float) -> list[int]:
+    """Greedy decoding with the penalties written out over transformers' logits (no cache)."""
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+        counts = torch.zeros_like(logits)
+        for t in out:
+            counts[t] += 1
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("presence,frequency,repetition", [(0.0, 0.0, 1.3), (0.8, 0.5, 1.0), (-0.5, 1.5, 0.9)])
+def test_penalties_match_the_written_out_rule(checkpoint_dirs, presence, frequency, repetition):
+    path = checkpoint_dirs["lite"]
+    model, tokenizer = load(path)
+    # A small batch budget chunks the long prompt (its tokens reach the penalty state in pieces),
+    # and a penalty-free request rides along in the same steps.
+    engine = LLMEngine(EngineConfig(model=path, kv_cache_bytes=4 << 20, max_num_batched_tokens=16))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=presence,
+                            frequency_penalty=frequency, repetition_penalty=repetition)
+    engine.add_request("penalized", PROMPTS[1], params)
+    engine.add_request("plain", PROMPTS[0], greedy(12))
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    want = penalized_greedy(model, tokenizer.encode(PROMPTS[1]), 12, presence, frequency, repetition)
+    assert outs["penalized"].token_ids == want
+    assert outs["plain"].token_ids == transformers_greedy(model, tokenizer.encode(PROMPTS[0]), 12)[0]
+    engine.step()  # idle, as the server's loop steps: the plan carries the releases
+    assert engine.core.runner.penalties._rows == {}  # released when the request finished

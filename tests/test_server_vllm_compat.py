@@ -3,9 +3,11 @@ completions endpoints feed the model, /tokenizer_info, /v1/models/{id}, /version
 with several served names, logit_bias, response_format, and a log line per request."""
 from __future__ import annotations
 
+import json
 import signal
 
 import httpx
+import pytest
 from openai import NotFoundError, OpenAI
 
 from tests.test_server_api import MODEL, TIMEOUT, post
@@ -141,3 +143,45 @@ def test_bad_chat_template_or_tokenizer_stops_start_up_by_name(tmp_path):
                               capture_output=True, text=True, timeout=180, env={"HF_HUB_OFFLINE": "1",
                                                                                **__import__("os").environ})
         assert proc.returncode == 2 and words in proc.stderr, (flags, proc.stderr[-1500:])
+
+
+def test_n_best_of_and_penalties_through_the_openai_endpoints(server):
+    base = {"model": MODEL, "prompt": ["Once upon", "In the"], "max_tokens": 5, "temperature": 1.0, "seed": 7,
+            "ignore_eos": True}
+    r = post(server, "/v1/completions", {**base, "n": 3})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    assert len({c["text"] for c in choices[:3]}) > 1  # the copies of one seeded prompt differ
+    assert r.json()["usage"]["completion_tokens"] == 30
+    again = post(server, "/v1/completions", {**base, "n": 3}).json()["choices"]
+    assert [c["text"] for c in again] == [c["text"] for c in choices]  # and reproduce
+    single = post(server, "/v1/completions", {**base, "prompt": "Once upon"}).json()["choices"][0]["text"]
+    assert single == choices[0]["text"]  # copy 0 keeps the request's own seed
+
+    best = post(server, "/v1/completions", {**base, "prompt": "Once upon", "n": 2, "best_of": 4, "logprobs": 0})
+    assert best.status_code == 200, best.text
+    body = best.json()
+    scores = [sum(c["logprobs"]["token_logprobs"]) for c in body["choices"]]
+    pool = post(server, "/v1/completions", {**base, "prompt": "Once upon", "n": 4, "logprobs": 0}).json()["choices"]
+    pool_scores = sorted((sum(c["logprobs"]["token_logprobs"]) for c in pool), reverse=True)
+    assert sorted(scores, reverse=True) == pytest.approx(pool_scores[:2])  # the two most likely of the same four
+    assert body["usage"]["completion_tokens"] == 20  # all four generated are billed
+    hidden = post(server, "/v1/completions", {**base, "prompt": "Once upon", "n": 1, "best_of": 2}).json()
+    assert hidden["choices"][0]["logprobs"] is None  # ranked by log-probabilities it did not ask to see
+
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 4, "n": 2, "seed": 1, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+    assert chat.status_code == 200
+    events = [json.loads(line[6:]) for line in chat.text.split("\n\n") if line.startswith("data: {")]
+    assert {c["index"] for e in events for c in e["choices"]} == {0, 1}
+    assert events[-1]["usage"]["completion_tokens"] == 8
+
+    greedy = {"model": MODEL, "prompt": "the the the the the", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    plain = post(server, "/v1/completions", greedy).json()["choices"][0]["text"]
+    penalized = post(server, "/v1/completions", {**greedy, "frequency_penalty": 2.0, "repetition_penalty": 1.5})
+    assert penalized.status_code == 200 and penalized.json()["choices"][0]["text"] != plain
+    gen = httpx.post(server.base_url + "/generate", json={"prompt": "the the the", "max_tokens": 4,
+                                                          "temperature": 0, "presence_penalty": 1.0}, timeout=TIMEOUT)
+    assert gen.status_code == 200, gen.text

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from server.api.chat_template import render_chat
@@ -131,20 +131,25 @@ class EngineClient:
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, prompts: Sequence[Prompt], params: SamplingParams, request_id: str) -> list[RequestStream]:
-        """Admit all prompts or none; each is its own engine request (`request_id`, or `request_id-i`)."""
+    def submit(self, prompts: Sequence[Prompt], params: SamplingParams, request_id: str,
+               copies: int = 1) -> list[RequestStream]:
+        """Admit all prompts or none; each prompt `copies` times (OpenAI's n), every copy its own
+        engine request (`request_id`, or `request_id-i`), streams in prompt-major order. Copies of
+        a seeded request get seeds seed, seed + 1, ...: one seed for all would draw the same text."""
         if self._cut_reason is not None:
             raise APIError(503, self._cut_reason)
-        self.check_count(len(prompts))
+        self.check_count(len(prompts) * copies)
         with engine_rule():
             self.engine.check_params(params)
         for prompt in prompts:
             self.check_fits(prompt, params.max_tokens)
-        self._admit(len(prompts))
-        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        streams = [RequestStream(rid, prompt, self._run(rid, prompt, params), release=self._release,
+        self._admit(len(prompts) * copies)
+        jobs = [(prompt, params if params.seed is None or j == 0 else replace(params, seed=_offset_seed(params.seed, j)))
+                for prompt in prompts for j in range(copies)]
+        ids = [request_id] if len(jobs) == 1 else [f"{request_id}-{i}" for i in range(len(jobs))]
+        streams = [RequestStream(rid, prompt, self._run(rid, prompt, job_params), release=self._release,
                                  cancel=self.engine.cancel, group=request_id)
-                   for rid, prompt in zip(ids, prompts)]
+                   for rid, (prompt, job_params) in zip(ids, jobs)]
         self._live.update(streams)
         return streams
 
@@ -293,6 +298,11 @@ def _texts(message: ChatMessage) -> list[str]:
 
 def new_request_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex}"
+
+
+def _offset_seed(seed: int, offset: int) -> int:
+    """seed + offset, wrapped into the signed 64-bit range the generators take."""
+    return (seed + offset + 2**63) % 2**64 - 2**63
 
 
 def make_sampling_params(**fields) -> SamplingParams:

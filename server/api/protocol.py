@@ -77,6 +77,9 @@ class GenerateRequest(BaseModel):
     seed: Seed = None
     stream: bool = False
     ignore_eos: bool = False
+    presence_penalty: FiniteFloat = 0.0
+    frequency_penalty: FiniteFloat = 0.0
+    repetition_penalty: FiniteFloat = 1.0
 
 
 class GenerateResult(BaseModel):
@@ -104,6 +107,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_N = 16  # choices per prompt (n, best_of): each is its own engine request
+
+
 class OpenAISampling(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -120,21 +126,16 @@ class OpenAISampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    # Accepted so that clients sending the neutral value work; any other value is refused below.
     presence_penalty: FiniteFloat | None = None
     frequency_penalty: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None  # vLLM's extension
     logit_bias: dict[str, FiniteFloat] | None = None  # OpenAI's: token id (as a string) -> bias
-    best_of: int | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAISampling:
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only best_of=1 is supported")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty / frequency_penalty: not supported (use 0)")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n: must be in [1, {MAX_N}]")
         if self.logit_bias and not all(key.isdigit() for key in self.logit_bias):
             raise ValueError("logit_bias: keys must be token ids")
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -153,6 +154,8 @@ class OpenAISampling(BaseModel):
             "top_k": -1 if self.top_k is None else self.top_k,
             "min_tokens": self.min_tokens, "stop": self.stop or [], "seed": self.seed, "ignore_eos": self.ignore_eos,
             "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
+            "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
         }
 
 
@@ -218,12 +221,22 @@ class CompletionRequest(OpenAISampling):
     logprobs: int | None = None  # legacy format: top-k alternatives per token
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None  # generate this many per prompt, return the n most likely
 
     @model_validator(mode="after")
     def _refuse_suffix(self) -> CompletionRequest:
         if self.suffix:
             raise ValueError("suffix: not supported")
+        if self.best_of is not None and not self.n <= self.best_of <= MAX_N:
+            raise ValueError(f"best_of: must be in [n, {MAX_N}]")
+        if self.stream and (self.best_of or self.n) > self.n:
+            raise ValueError("best_of: cannot be streamed (the best are known only at the end)")
         return self
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated per prompt."""
+        return max(self.n, self.best_of or 1)
 
 
 class CompletionLogprobs(BaseModel):

@@ -34,6 +34,7 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_budget import plan_num_blocks
 from server.engine.placement import gpu_devices, layers_per_device, split_layers
 from server.engine.outputs import TokenLogprob
+from server.engine.penalties import PenaltyState
 from server.engine.sampler import PendingSamples, ReadySamples, start_sampling
 from server.engine.step import PLACEHOLDER_TOKEN, Sampled, SeqWork, StepPlan, StepResult
 from server.model.deepseek_v2 import DeepseekV2ForCausalLM
@@ -128,6 +129,7 @@ class ModelRunner:
         self._free_rows: list[int] = []
         self._table = np.zeros((0, 0), dtype=np.int32)
         self._generators: dict[str, torch.Generator] = {}
+        self.penalties = PenaltyState(self.hf_config.vocab_size, self.layer_devices[-1])  # where logits are
         # The latest launched step's sampled tokens on the device, and each request's row in them.
         self._last_tokens: Tensor | None = None
         self._last_rows: dict[str, int] = {}
@@ -197,6 +199,7 @@ class ModelRunner:
         for it, so that the host can prepare the next step meanwhile."""
         self.release(plan)
         input_ids, positions, meta = self.prepare(plan.work)
+        self.penalties.see_prompt(plan.work)
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -228,6 +231,7 @@ class ModelRunner:
                 self._free_rows.append(entry[0])
         for request_id in plan.finished:
             self._generators.pop(request_id, None)
+            self.penalties.release(request_id)
 
     def prepare(self, work: list[SeqWork]) -> tuple[Tensor, Tensor, AttentionMetadata]:
         """Flatten the scheduled tokens into (input_ids, positions, attention metadata)."""
@@ -293,7 +297,9 @@ class ModelRunner:
         except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
             pending.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}" for w in picked})
             return pending
-        pending.samples = start_sampling(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids)
+        pending.samples = start_sampling(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids,
+                                         self.penalties.apply)
+        self.penalties.record(pending.samples.tokens, picked)
         pending.rows = {w.request_id: i for i, w in enumerate(picked)}
         return pending
 

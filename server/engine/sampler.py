@@ -14,6 +14,7 @@ fails, the batch is redone row by row so that only the row at fault fails.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ MAX_TEMPERATURE = 1e6
 MIN_NOISE = 1e-20
 
 Samples = tuple[list[int], list[TokenLogprob | None], dict[int, str]]
+# Changes a batch's logits before sampling, after their log-probabilities are taken (penalties).
+Adjust = Callable[[Tensor, list[SeqWork]], Tensor]
 
 
 @dataclass
@@ -88,22 +91,23 @@ def sample(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator
 
 
 def start_sampling(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
-                   eos_token_ids: set[int]) -> PendingSamples | ReadySamples:
+                   eos_token_ids: set[int], adjust: Adjust | None = None) -> PendingSamples | ReadySamples:
     """The batch's sampling issued on the device; if a batch-wide op fails, sampled row by row now."""
     try:
-        return enqueue(logits, work, generators, eos_token_ids)
+        return enqueue(logits, work, generators, eos_token_ids, adjust)
     except Exception:  # noqa: BLE001 - find the row at fault by going one by one
-        return sample_rows(logits, work, generators, eos_token_ids)
+        return sample_rows(logits, work, generators, eos_token_ids, adjust)
 
 
 def sample_rows(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
-                eos_token_ids: set[int]) -> ReadySamples:
+                eos_token_ids: set[int], adjust: Adjust | None = None) -> ReadySamples:
     """Every row on its own, so that an exception fails only its row (synchronous)."""
     log.warning("batched sampling failed; sampling %d rows one by one", len(work), exc_info=True)
     tokens, records, failures = [], [], {}
     for i, w in enumerate(work):
         try:
-            (token,), (record,), failed = enqueue(logits[i:i + 1], [w], generators[i:i + 1], eos_token_ids).collect()
+            (token,), (record,), failed = enqueue(logits[i:i + 1], [w], generators[i:i + 1], eos_token_ids,
+                                                  adjust).collect()
         except Exception as exc:  # noqa: BLE001 - this row alone fails
             token, record, failed = FAILED, None, {0: _why(exc)}
         tokens.append(token)
@@ -115,10 +119,13 @@ def sample_rows(logits: Tensor, work: list[SeqWork], generators: list[torch.Gene
 
 
 def enqueue(logits: Tensor, work: list[SeqWork], generators: list[torch.Generator | None],
-            eos_token_ids: set[int]) -> PendingSamples:
-    """Issue the batch's sampling on the device; nothing here waits for the device."""
+            eos_token_ids: set[int], adjust: Adjust | None = None) -> PendingSamples:
+    """Issue the batch's sampling on the device; nothing here waits for the device. Log-probabilities
+    are the model's own: taken before `adjust`, logit_bias and min_tokens change the logits."""
     num_top = max((w.params.logprobs for w in work if w.params.logprobs is not None), default=None)
     logprobs = torch.log_softmax(logits, dim=-1) if num_top is not None else None  # skipped on the common path
+    if adjust is not None:
+        logits = adjust(logits, work)
     logits = _adjust_logits(logits, work, eos_token_ids)
     tokens = logits.argmax(dim=-1)
     random = [i for i, w in enumerate(work) if not w.params.greedy]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # the engine's default cap (its max_logprobs setting); checked at add_request
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 # Below this temperature sampling is greedy (vLLM's convention): dividing logits by a tiny
 # temperature overflows float32 to inf, and the softmax of that is NaN.
 GREEDY_TEMPERATURE = 1e-5
@@ -29,6 +30,12 @@ class SamplingParams:
     # Same for the prompt tokens (OpenAI `echo` + `logprobs`); None: none.
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    # OpenAI's: minus presence_penalty for a token generated before, minus frequency_penalty per time.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' / vLLM's: logits of tokens in the prompt or the output divided by it (if positive,
+    # multiplied if negative); 1.0 is off.
+    repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks on random weights); stop strings need it
 
@@ -40,6 +47,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field first; the API turns it into a 400."""
@@ -65,6 +76,11 @@ class SamplingParams:
                  for t, b in self.logit_bias.items()),
              f"logit_bias must map token ids to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
             (self.detokenize or not self.stop, "stop strings need detokenize=True"),
+            (_finite(self.presence_penalty) and abs(self.presence_penalty) <= MAX_PENALTY,
+             f"presence_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            (_finite(self.frequency_penalty) and abs(self.frequency_penalty) <= MAX_PENALTY,
+             f"frequency_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
         ]
         return [message for ok, message in checks if not ok]
 

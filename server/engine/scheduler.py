@@ -93,7 +93,7 @@ class Scheduler:
         return SeqWork(
             request_id=seq.request_id, token_ids=seq.token_ids[start:end], start=start, new_blocks=new_blocks,
             resumed=admitted, sample=end == seq.num_tokens, params=seq.params,
-            num_output_tokens=seq.num_output_tokens, prompt_targets=targets,
+            num_output_tokens=seq.num_output_tokens, num_prompt_tokens=seq.num_prompt_tokens, prompt_targets=targets,
         )
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:

@@ -2,6 +2,10 @@
 
 `max_tokens: 0` with `echo` is how log-likelihood is scored (lm-evaluation-harness): the engine
 always generates at least one token, so we ask for one and leave it out of the answer.
+
+`n` and `best_of`: every prompt is submitted max(n, best_of) times, each copy its own engine request
+(the copies share the prompt's cached blocks through the prefix cache); choice i*n + j is prompt
+i's j-th. With best_of > n the n copies with the highest cumulative log-probability are returned.
 """
 from __future__ import annotations
 
@@ -31,28 +35,45 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens < 0:
         raise bad_request("max_tokens: must be >= 0", "max_tokens")
+    copies = body.num_sequences
+    # Ranking best_of needs each chosen token's log-probability, asked for even when not returned.
+    logprobs = body.logprobs if body.logprobs is not None or copies == body.n else 0
     params = make_sampling_params(
-        max_tokens=max(max_tokens, 1), logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None,
+        max_tokens=max(max_tokens, 1), logprobs=logprobs, prompt_logprobs=body.logprobs if body.echo else None,
         **body.sampling_fields())
     prompts = await _prompts(ctx, body.prompt)  # after the cheap checks: tokenizing is the costly one
     request_id = new_request_id("cmpl")
-    streams = ctx.client.submit(prompts, params, request_id)
+    streams = ctx.client.submit(prompts, params, request_id, copies=copies)
     shape = _Shape(echo=body.echo, logprobs=body.logprobs is not None, hide_generated=max_tokens == 0)
 
     if body.stream:
-        events = _events(ctx, request_id, streams, shape, body.include_usage)
+        events = _events(ctx, request_id, streams, shape, body.include_usage, copies)
         return EventStreamResponse(events, on_close=partial(close_all, streams))
     try:
         outputs = await run_unless_disconnected(request, final_outputs(streams))
     finally:
         await close_all(streams)
     choices, usage = [], Usage.of(0, 0)
-    for index, (stream, out) in enumerate(zip(streams, outputs)):
+    for i, out in enumerate(outputs):
         raise_if_failed(out)
-        text, logprobs = _ChoiceWriter(stream.prompt, shape, ctx).advance(out)
-        choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason))
-        usage = _add_usage(usage, out, shape)
+        usage = _add_usage(usage, out, shape, first_copy=i % copies == 0)
+    for p in range(len(prompts)):
+        group = list(zip(streams, outputs))[p * copies:(p + 1) * copies]
+        for j, (stream, out) in enumerate(_best(group, body.n)):
+            text, choice_logprobs = _ChoiceWriter(stream.prompt, shape, ctx).advance(out)
+            choices.append(CompletionChoice(index=p * body.n + j, text=text, logprobs=choice_logprobs,
+                                            finish_reason=out.finish_reason))
     return CompletionResponse(id=request_id, model=ctx.model_name, choices=choices, usage=usage)
+
+
+def _best(group: list[tuple[RequestStream, RequestOutput]], n: int) -> list[tuple[RequestStream, RequestOutput]]:
+    """The n copies with the highest cumulative log-probability, in their original order."""
+    if len(group) == n:
+        return group
+    def score(item: tuple[RequestStream, RequestOutput]) -> float:
+        return sum(r.logprob for r in (item[1].logprobs or []) if r is not None)
+    keep = set(sorted(range(len(group)), key=lambda k: score(group[k]), reverse=True)[:n])
+    return [item for k, item in enumerate(group) if k in keep]
 
 
 async def _prompts(ctx: ServerContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
@@ -75,9 +96,11 @@ class _Shape:
     hide_generated: bool  # max_tokens 0: the one token generated is not part of the answer
 
 
-def _add_usage(usage: Usage, out: RequestOutput, shape: _Shape) -> Usage:
+def _add_usage(usage: Usage, out: RequestOutput, shape: _Shape, first_copy: bool = True) -> Usage:
+    """A prompt's tokens count once however many copies it has; every copy's generated tokens count."""
     generated = 0 if shape.hide_generated else len(out.token_ids)
-    return Usage.of(usage.prompt_tokens + len(out.prompt_token_ids), usage.completion_tokens + generated)
+    prompt = len(out.prompt_token_ids) if first_copy else 0
+    return Usage.of(usage.prompt_tokens + prompt, usage.completion_tokens + generated)
 
 
 class _ChoiceWriter:
@@ -126,7 +149,7 @@ class _ChoiceWriter:
 
 
 async def _events(ctx: ServerContext, request_id: str, streams: list[RequestStream], shape: _Shape,
-                  include_usage: bool) -> AsyncGenerator[str, None]:
+                  include_usage: bool, copies: int = 1) -> AsyncGenerator[str, None]:
     writers = [_ChoiceWriter(s.prompt, shape, ctx) for s in streams]
     usage = Usage.of(0, 0)
     try:
@@ -139,7 +162,7 @@ async def _events(ctx: ServerContext, request_id: str, streams: list[RequestStre
                                       finish_reason=out.finish_reason if out.finished else None)
             yield sse(CompletionResponse(id=request_id, model=ctx.model_name, choices=[choice]))
             if out.finished:
-                usage = _add_usage(usage, out, shape)
+                usage = _add_usage(usage, out, shape, first_copy=index % copies == 0)
         if include_usage:
             yield sse(CompletionResponse(id=request_id, model=ctx.model_name, choices=[], usage=usage))
     except Exception as exc:

@@ -26,7 +26,8 @@ async def generate(body: GenerateRequest, request: Request, ctx: Context):
         raise bad_request("prompt: must not be an empty list", "prompt")
     params = make_sampling_params(
         max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        stop=body.stop or [], seed=body.seed, ignore_eos=body.ignore_eos)
+        stop=body.stop or [], seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty)
     prompts = await ctx.client.encode(texts)
     streams = ctx.client.submit(prompts, params, new_request_id("gen"))
 
