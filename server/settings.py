@@ -141,6 +141,10 @@ class Settings(BaseSettings):
         None, description="KV cache budget (bytes, or e.g. 8GiB); wins over the fraction")
     kv_cache_memory_fraction: UnitFraction = Field(
         0.5, description="KV budget as a fraction of free device memory (CUDA) or RAM (CPU)")
+    gpu_memory_utilization: UnitFraction | None = Field(
+        None, description="vLLM's: the share of the GPU's total memory this server may use for weights, "
+                          "activations and KV; KV gets the rest after the weights and an activation estimate "
+                          "(wins over kv_cache_memory_fraction; kv_cache_bytes wins over it)")
     block_size: AtLeastOne = Field(16, description="tokens per KV block")
     kv_cache_dtype: Literal["auto", "bf16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         "auto", description="how the cached code is stored: auto/bf16 in the model dtype; fp8 (= fp8_e4m3) or "

@@ -300,3 +300,18 @@ def test_penalties_match_the_written_out_rule(checkpoint_dirs, presence, frequen
     assert outs["plain"].token_ids == transformers_greedy(model, tokenizer.encode(PROMPTS[0]), 12)[0]
     engine.step()  # idle, as the server's loop steps: the plan carries the releases
     assert engine.core.runner.penalties._rows == {}  # released when the request finished
+
+
+def test_gpu_memory_utilization_budget_and_its_cpu_refusal(checkpoint_dirs):
+    from kvsplice.model_source import load_config
+    from server.engine.kv_budget import activation_bytes, utilization_budget
+
+    gib = 2**30
+    # vLLM's arithmetic: 0.9 of a 140 GiB GPU, 40 GiB in use (weights, other processes), 5 GiB reserved.
+    assert utilization_budget(0.9, 140 * gib, 100 * gib, 5 * gib) == int(0.9 * 140 * gib) - 40 * gib - 5 * gib
+    lite = load_config("deepseek-v2-lite")
+    small = activation_bytes(lite, EngineConfig(max_num_batched_tokens=2048, max_num_seqs=64))
+    large = activation_bytes(lite, EngineConfig(max_num_batched_tokens=16384, max_num_seqs=256))
+    assert 0 < small < large < 4 * gib  # grows with the step, stays a small part of an H200
+    with pytest.raises(ValueError, match="gpu_memory_utilization needs a GPU"):
+        LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], gpu_memory_utilization=0.9))

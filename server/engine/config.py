@@ -16,6 +16,7 @@ class EngineConfig:
     splice_init: str = "truncate"  # used only without splice_file: truncate | orthogonal
     kv_cache_bytes: int | None = None  # KV budget in bytes; wins over the fraction when set
     kv_cache_memory_fraction: float = 0.5  # of free device memory (CUDA) or of available RAM (CPU)
+    gpu_memory_utilization: float | None = None  # vLLM's: share of the GPU for weights + activations + KV
     block_size: int = 16
     kv_cache_dtype: str = "auto"  # auto/bf16: the model dtype; fp8, fp8_e4m3, fp8_e5m2: fp8 code + per-token scale
     max_num_seqs: int = 64  # running sequences at most

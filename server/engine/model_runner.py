@@ -169,7 +169,7 @@ class ModelRunner:
     def num_blocks_for_budget(self) -> int:
         """Cache blocks the KV budget buys on every device (the engine's block manager gets this many)."""
         return plan_num_blocks(self.config, self.layout, layers_per_device(self.layer_devices),
-                               self.config.max_num_seqs * self.max_model_len)
+                               self.config.max_num_seqs * self.max_model_len, self.hf_config)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One tensor per device for its layers. One extra block that no sequence owns takes the
