@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, fi
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.api.endpoints import DEFAULT_PORT
 from server.engine.config import EngineConfig
 
 try:
@@ -158,7 +159,7 @@ class Settings(BaseSettings):
         256, description="queued requests beyond which new ones get 429")
     # HTTP.
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: Annotated[int, AfterValidator(_valid_port)] = Field(8000, description="port to listen on")
+    port: Annotated[int, AfterValidator(_valid_port)] = Field(DEFAULT_PORT, description="port to listen on")
     api_key: Annotated[str | None, AfterValidator(_valid_api_key)] = Field(
         None, description="require 'Authorization: Bearer KEY' on every path but /health (and /metrics, see below)")
     metrics_require_api_key: bool = Field(

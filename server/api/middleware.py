@@ -20,11 +20,12 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import ServerContext
+from server.api.endpoints import HEALTH_PATH, METRICS_PATH
 from server.api.errors import error_body, error_response
 
 logger = logging.getLogger(__name__)
 
-ALWAYS_OPEN = frozenset({"/health", "/ping", "/version"})  # probes and version checks carry no secrets
+ALWAYS_OPEN = frozenset({HEALTH_PATH, "/ping", "/version"})  # probes and version checks carry no secrets
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -38,7 +39,7 @@ class APIGateMiddleware:
         self.ctx = ctx
         key = ctx.settings.api_key
         self._key = key.encode() if key else None
-        self._open = ALWAYS_OPEN if ctx.settings.metrics_require_api_key else ALWAYS_OPEN | {"/metrics"}
+        self._open = ALWAYS_OPEN if ctx.settings.metrics_require_api_key else ALWAYS_OPEN | {METRICS_PATH}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -10,11 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.body import CheckedRoute
 from server.api.context import Context
+from server.api.endpoints import HEALTH_PATH, METRICS_PATH
 
 router = APIRouter(route_class=CheckedRoute)
 
 
-@router.get("/health")
+@router.get(HEALTH_PATH)
 @router.get("/ping")
 @router.post("/ping")
 async def health(ctx: Context) -> JSONResponse:
@@ -38,6 +39,6 @@ def _package_version() -> str:
         return "unknown"
 
 
-@router.get("/metrics")
+@router.get(METRICS_PATH)
 async def metrics(ctx: Context) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
