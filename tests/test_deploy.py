@@ -599,7 +599,9 @@ def test_dockerfile_copies_existing_files_not_cut_by_dockerignore():
     assert copies
     copied_top = set()
     for args in copies:
-        assert "--from" not in args, "single-stage build expected"
+        if args.startswith("--from="):
+            assert args.startswith("--from=build "), "only the build stage is copied from"
+            continue
         matched = []
         for source in _copy_sources(args):
             if any(ch in source for ch in "*?["):
@@ -629,7 +631,8 @@ def test_dockerfile_shape():
     by_keyword: dict[str, list[str]] = {}
     for keyword, args in instructions:
         by_keyword.setdefault(keyword, []).append(args)
-    assert any("nvidia/cuda:" in a and "runtime" in a for a in by_keyword["ARG"]), "CUDA runtime base"
+    assert any(a.startswith("BASE_IMAGE=nvidia/cuda:") and "runtime" in a for a in by_keyword["ARG"]), "CUDA runtime base"
+    assert by_keyword["FROM"] == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"], "two stages on one base"
     assert by_keyword["ENTRYPOINT"] == ['["kvsplice", "serve"]']
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["kvsplice"] == "server.cli:main"
@@ -642,7 +645,9 @@ def test_dockerfile_shape():
     (health,) = by_keyword["HEALTHCHECK"]
     assert '"kvsplice-healthcheck"' in health
     assert any("deploy/docker/healthcheck.py /usr/local/bin/kvsplice-healthcheck" in a for a in by_keyword["COPY"])
-    assert any('pip install' in a and "[gpu]" in a for a in by_keyword["RUN"])
+    assert "PROJECT_EXTRAS=gpu" in by_keyword["ARG"] and any("pip install" in a and "PROJECT_EXTRAS" in a
+                                                          for a in by_keyword["RUN"])
+    assert any("COPY" == k and a.startswith("--from=build /opt/venv") for k, a in instructions)
 
 
 def test_dockerfile_passes_hadolint():
