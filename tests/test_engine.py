@@ -298,6 +298,10 @@ def test_penalties_match_the_written_out_rule(checkpoint_dirs, presence, frequen
     want = penalized_greedy(model, tokenizer.encode(PROMPTS[1]), 12, presence, frequency, repetition)
     assert outs["penalized"].token_ids == want
     assert outs["plain"].token_ids == transformers_greedy(model, tokenizer.encode(PROMPTS[0]), 12)[0]
+    # Again, its prompt's first blocks now found in the prefix cache: the penalties still see them.
+    hits = engine.stats().prefix_cache_hits_total
+    again = run_engine(engine, PROMPTS[1:2], params)
+    assert engine.stats().prefix_cache_hits_total > hits and again["0"].token_ids == want
     engine.step()  # idle, as the server's loop steps: the plan carries the releases
     assert engine.core.runner.penalties._rows == {}  # released when the request finished
 
@@ -315,3 +319,22 @@ def test_gpu_memory_utilization_budget_and_its_cpu_refusal(checkpoint_dirs):
     assert 0 < small < large < 4 * gib  # grows with the step, stays a small part of an H200
     with pytest.raises(ValueError, match="gpu_memory_utilization needs a GPU"):
         LLMEngine(EngineConfig(model=checkpoint_dirs["lite"], gpu_memory_utilization=0.9))
+
+
+def test_penalty_state_sees_the_cached_prefix_and_counts_on_the_device():
+    from server.engine.penalties import PenaltyState
+    from server.engine.step import SeqWork
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=2.0, frequency_penalty=1.0)
+    state = PenaltyState(vocab_size=10, device=torch.device("cpu"))
+    # Admitted with its first 4 prompt tokens cached: only [5, 6] and the last prompt token computed.
+    work = SeqWork("r", token_ids=[5, 6], start=4, new_blocks=[], resumed=True, sample=True, params=params,
+                   num_output_tokens=0, num_prompt_tokens=6, cached_prompt_ids=[1, 2, 3, 4])
+    state.see_prompt([work])
+    state.record(torch.tensor([7]), [work])
+    state.record(torch.tensor([7]), [work])
+    logits = torch.full((1, 10), 4.0)
+    out = state.apply(logits, [work])[0]
+    assert out[[1, 2, 3, 4, 5, 6]].tolist() == [2.0] * 6  # prompt tokens, cached or not: 4 / 2
+    assert out[7].item() == 4.0 / 2 - 2 * 1.0  # generated twice: repetition, then frequency twice
+    assert out[[0, 8, 9]].tolist() == [4.0] * 3 and logits[0, 1] == 4.0  # untouched; input not modified

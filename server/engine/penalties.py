@@ -43,7 +43,7 @@ class PenaltyState:
                 row = self._rows[w.request_id] = _Row(
                     torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device),
                     torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device))
-            prompt = w.token_ids[:max(0, w.num_prompt_tokens - w.start)]
+            prompt = w.cached_prompt_ids + w.token_ids[:max(0, w.num_prompt_tokens - w.start)]
             if prompt:
                 row.in_prompt[to_device(prompt, self.device, torch.long)] = True
 

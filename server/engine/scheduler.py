@@ -90,10 +90,13 @@ class Scheduler:
         targets = None
         if seq.wants_prompt_logprobs and start + 1 < seq.num_prompt_tokens:
             targets = seq.token_ids[start + 1 : min(end + 1, seq.num_prompt_tokens)]
+        # Penalties look at the whole prompt: a prefix found in the cache is not computed, so send it.
+        cached = seq.token_ids[:min(start, seq.num_prompt_tokens)] if admitted and seq.params.penalized else []
         return SeqWork(
             request_id=seq.request_id, token_ids=seq.token_ids[start:end], start=start, new_blocks=new_blocks,
             resumed=admitted, sample=end == seq.num_tokens, params=seq.params,
             num_output_tokens=seq.num_output_tokens, num_prompt_tokens=seq.num_prompt_tokens, prompt_targets=targets,
+            cached_prompt_ids=cached,
         )
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:

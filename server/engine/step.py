@@ -30,6 +30,8 @@ class SeqWork:
     params: SamplingParams
     num_output_tokens: int  # generated so far (min_tokens holds stop tokens back until reached)
     num_prompt_tokens: int = 0  # positions below it are the prompt (repetition_penalty looks at them)
+    # An admitted penalised sequence's prompt tokens before `start` (found in the prefix cache).
+    cached_prompt_ids: list[int] = field(default_factory=list)
     # Prompt log-probabilities: the prompt tokens at positions start+1 .. start+len(token_ids), each
     # scored from the position before it (None: not wanted, or the prompt is done).
     prompt_targets: list[int] | None = None
