@@ -291,7 +291,7 @@ def default_launch_config(r_pad: int, fp8: bool = False, batch: int = 1) -> tupl
     fp8 caches (timed on the H200 at 4096 tokens, scripts/gpu_fp8_kernels.py): widening the tiles
     in registers makes the kernel issue-bound, not bandwidth-bound; 64-token tiles with 8 warps
     and two stages won everywhere but r=512 at large batches, where 32 x 4 warps x 5 stages won
-    (309 vs 381 us at batch 128; 39 vs 33 us at batch 1).
+    (251 vs 309 us at batch 128; 34 vs 27 us at batch 1).
 
     Chosen from sm_90 compiles with Triton 3.6 (registers, spills, shared memory), not yet from
     timings. Because the cache rows are found through the block table (an indirect load),
