@@ -70,9 +70,8 @@ def _best(group: list[tuple[RequestStream, RequestOutput]], n: int) -> list[tupl
     """The n copies with the highest cumulative log-probability, in their original order."""
     if len(group) == n:
         return group
-    def score(item: tuple[RequestStream, RequestOutput]) -> float:
-        return sum(r.logprob for r in (item[1].logprobs or []) if r is not None)
-    keep = set(sorted(range(len(group)), key=lambda k: score(group[k]), reverse=True)[:n])
+    scores = [sum(r.logprob for r in (out.logprobs or []) if r is not None) for _, out in group]
+    keep = set(sorted(range(len(group)), key=scores.__getitem__, reverse=True)[:n])
     return [item for k, item in enumerate(group) if k in keep]
 
 
