@@ -166,7 +166,7 @@ class EngineCore:
             outputs.extend(self._fail_step(plan, exc))
             return None
         flight = InFlight(plan, pending, {})
-        self.iteration_tokens.observe(sum(len(w.token_ids) for w in plan.work))
+        self.iteration_tokens.observe(plan.num_tokens)
         for w in plan.work:
             seq = self.seqs[w.request_id]
             if w.resumed and not seq.num_preemptions:  # admitted for the first time (its cached prefix counts too)

@@ -36,7 +36,7 @@ class PenaltyState:
     def see_prompt(self, work: list[SeqWork]) -> None:
         """Mark the prompt tokens this step computes (a chunked prompt arrives over several steps)."""
         for w in work:
-            if not w.params.penalized:
+            if w.start >= w.num_prompt_tokens or not w.params.penalized:  # decode rows leave at once
                 continue
             row = self._rows.get(w.request_id)
             if row is None:
@@ -49,7 +49,9 @@ class PenaltyState:
 
     def apply(self, logits: Tensor, work: list[SeqWork]) -> Tensor:
         """logits [B, V] with each penalised row's penalties applied (a new tensor if any are)."""
-        rows = [i for i, w in enumerate(work) if w.params.penalized and w.request_id in self._rows]
+        if not self._rows:  # the common case: nothing to do, and no per-row look-ups on the step's path
+            return logits
+        rows = [i for i, w in enumerate(work) if w.request_id in self._rows]
         if not rows:
             return logits
         logits = logits.clone()
@@ -69,6 +71,8 @@ class PenaltyState:
 
     def record(self, tokens: Tensor, work: list[SeqWork]) -> None:
         """Count this step's sampled tokens [B] (on the device) for the penalised rows."""
+        if not self._rows:
+            return
         for i, w in enumerate(work):
             row = self._rows.get(w.request_id)
             if row is not None:
