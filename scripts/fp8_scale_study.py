@@ -18,7 +18,7 @@ import torch
 
 from kvsplice.calibrate_job import DEFAULT_CALIB_FILE, build_splices, calibration_windows
 from kvsplice.eval_job import DEFAULT_TEST_FILE
-from kvsplice.kv_quant import fp8_max, quantize
+from kvsplice.kv_quant import fake_quantize, fp8_max
 from kvsplice.model_source import load_pretrained
 from kvsplice.patch import find_mla_layers, patch_model_with_kvsplice, unpatch_model
 from kvsplice.perplexity import bootstrap_change, encode_text, perplexity, sliding_windows
@@ -27,8 +27,7 @@ E4M3 = torch.float8_e4m3fn
 
 
 def per_token(code: torch.Tensor) -> torch.Tensor:
-    values, scale = quantize(code, E4M3)
-    return (values.float() * scale[..., None]).to(code.dtype)
+    return fake_quantize(code, E4M3)  # what the engine stores
 
 
 def per_token_groups(groups: int):

@@ -68,7 +68,9 @@ def plan_num_blocks(config: EngineConfig, layout: CacheLayout, layer_counts: dic
                 raise ValueError("gpu_memory_utilization needs a GPU; on the CPU set kv_cache_bytes or "
                                  "kv_cache_memory_fraction")
             free, total = torch.cuda.mem_get_info(device)
-            reserve = activation_bytes(hf_config, config, layout.bytes_per_value) if hf_config is not None else 0
+            if hf_config is None:
+                raise ValueError("gpu_memory_utilization needs the model config for its activation reserve")
+            reserve = activation_bytes(hf_config, config, layout.bytes_per_value)
             budget = utilization_budget(config.gpu_memory_utilization, total, free, reserve)
         else:
             budget = int(available_memory_bytes(device) * config.kv_cache_memory_fraction)
