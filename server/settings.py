@@ -127,9 +127,14 @@ class Settings(BaseSettings):
     fused_moe: bool = Field(True, description="the Triton routed-experts kernel on CUDA (off: the plain-torch reference)")
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: Triton's MLA decode kernel on CUDA, the torch reference elsewhere")
-    pipeline_parallel_size: AtLeastOne = Field(1, description="GPUs the layers are split over (one model replica)")
+    pipeline_parallel_size: AtLeastOne = Field(
+        1, description="GPUs the layers are split over, in one process (per tensor-parallel rank)")
     tensor_parallel_size: AtLeastOne = Field(
-        1, description="accepted for deployments; not implemented yet (logs a warning)")
+        1, description="ranks the model is sharded over, one process and GPU each (heads, experts, vocabulary); "
+                       "started by the server, or by torchrun with as many ranks")
+    enable_expert_parallel: bool = Field(
+        False, description="with tensor_parallel_size > 1: give each rank whole routed experts instead of a "
+                           "slice of every expert's columns")
     # KVSplice and the KV cache.
     compression_ratio: UnitFraction | None = Field(
         None, description="fraction of the latent dims stored, in (0, 1]; 1.0 = plain MLA (default: the splice "

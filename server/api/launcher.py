@@ -42,11 +42,13 @@ class StartupError(ValueError):
 def serve(settings: Settings) -> int:
     if not (settings.load_format == "dummy" and shipped_config_name(settings.model)):
         check_available(settings.model)  # before torch is imported: a missing model fails in a second
+    from server.parallel.rendezvous import torchrun_rank
+
+    place = torchrun_rank()
+    if place is not None and place.rank != 0:
+        return serve_torchrun_worker(settings, place)
     from server.engine.async_engine import AsyncLLMEngine  # heavy (torch): only when serving
 
-    if settings.tensor_parallel_size != 1:
-        logger.warning("tensor_parallel_size %d is recorded but not implemented yet: serving on one device",
-                       settings.tensor_parallel_size)
     check_max_model_len(settings)
     warn_if_open(settings)
     engine = AsyncLLMEngine(settings.engine_config())
@@ -61,6 +63,15 @@ def serve(settings: Settings) -> int:
     server = DrainingServer(config, app.state.ctx)
     server.run()
     return server.exit_status()
+
+
+def serve_torchrun_worker(settings: Settings, place) -> int:
+    """A torchrun rank other than 0: no HTTP, it runs its shard of every step rank 0 schedules."""
+    from server.engine.llm_engine import resolve_max_model_len
+    from server.parallel.worker import run_torchrun
+
+    logger.info("torchrun rank %d of %d: following rank 0", place.rank, place.world_size)
+    return run_torchrun(settings.engine_config(), place, resolve_max_model_len, logging.getLogger().level)
 
 
 def check_max_model_len(settings: Settings) -> None:

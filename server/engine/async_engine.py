@@ -48,11 +48,23 @@ class AsyncLLMEngine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kvsplice-engine", daemon=True)
         self._thread.start()
+        if self.engine.core.workers is not None:
+            self.engine.core.workers.on_failure(self._workers_failed)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():  # a loop stuck in a collective keeps its ranks
+            self.engine.shutdown()
+
+    def _workers_failed(self, reason: str) -> None:
+        """Another rank died (the watcher thread calls this): the engine loop may be blocked in a
+        collective that will never complete, so fail every request from here; the server sees the
+        engine dead and exits."""
+        self._crashed = RuntimeError(reason)
+        for request_id in list(self._streams):
+            self._deliver_error(request_id, EngineDeadError(f"engine stopped: {reason}"))
 
     @property
     def is_alive(self) -> bool:

@@ -23,6 +23,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step at most
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     pipeline_parallel_size: int = 1  # GPUs the layers are split over (one model replica)
+    tensor_parallel_size: int = 1  # ranks (GPUs) the heads, experts and vocabulary are split over
+    enable_expert_parallel: bool = False  # split the routed experts whole over the ranks, not their columns
     enable_prefix_caching: bool = True  # reuse the cached blocks of a shared prompt prefix
     async_scheduling: bool = True  # schedule and launch step N+1 before step N's tokens are back
     cuda_graphs: bool = True  # capture the decode step in CUDA graphs (CUDA only)

@@ -29,6 +29,9 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.model_runner import PendingStep
 from server.engine.step import PLACEHOLDER_TOKEN, StepPlan, StepResult
+from server.parallel.rendezvous import rank_config, torchrun_rank
+from server.parallel.shards import check_shardable
+from server.parallel.workers import Workers
 
 log = logging.getLogger(__name__)
 # A model step that fails this many times in a row is not one bad batch but a broken engine (a
@@ -89,14 +92,16 @@ class InFlight:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource,
-                 eos_token_ids: set[int]) -> None:
+                 eos_token_ids: set[int], workers: Workers | None = None) -> None:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
-        self.runner = ModelRunner(config, max_model_len, source, eos_token_ids)
-        self.layout = self.runner.layout
-        num_blocks = self.runner.num_blocks_for_budget()
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_decode_graphs()
+        self.workers = workers or start_workers(config, max_model_len, source)
+        try:
+            num_blocks = self._start_runner(config, max_model_len, source)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.abort()  # they may wait in a start-up collective this rank will not join
+            raise
         self.blocks = BlockManager(num_blocks, self.layout.block_size, enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -107,9 +112,28 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         self._in_flight: InFlight | None = None
 
+    def _start_runner(self, config: EngineConfig, max_model_len: int, source: ModelSource) -> int:
+        """Load this rank's model, size and allocate its cache, capture its graphs (every other rank
+        does the same, in the same order); returns the cache's blocks."""
+        if self.workers is None:
+            self.runner = ModelRunner(config, max_model_len, source, self.eos_token_ids)
+        else:
+            self.runner = ModelRunner(rank_config(config, self.workers.local_rank), max_model_len, source,
+                                      self.eos_token_ids, self.workers.tp, self.workers.channel)
+        self.layout = self.runner.layout
+        num_blocks = self.runner.num_blocks_for_budget()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_decode_graphs()
+        return num_blocks
+
     @property
     def kv_capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one)."""
+        if self.workers is not None:
+            self.workers.stop()
 
     def add(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
@@ -163,6 +187,7 @@ class EngineCore:
             with record_function("engine.launch"):
                 pending = self.runner.launch(plan)
         except Exception as exc:  # noqa: BLE001 - the batch cannot be attributed further; fail it, keep serving
+            self._raise_if_ranks_diverged(exc)
             outputs.extend(self._fail_step(plan, exc))
             return None
         flight = InFlight(plan, pending, {})
@@ -185,10 +210,17 @@ class EngineCore:
             with record_function("engine.collect"):
                 result = self.runner.collect(flight.pending)
         except Exception as exc:  # noqa: BLE001 - a device error surfaces here: fail the step, keep serving
+            self._raise_if_ranks_diverged(exc)
             return self._fail_step(flight.plan, exc)
         self._consecutive_step_failures = 0
         with record_function("engine.update"):
             return self._update(flight, result)
+
+    def _raise_if_ranks_diverged(self, exc: Exception) -> None:
+        """With other ranks, a step that failed here after they were sent it leaves them inside a
+        collective this rank will not join: no later step can run, so the engine stops."""
+        if self.runner.channel is not None and not isinstance(exc, faults.InjectedFault):
+            raise RuntimeError(f"a tensor-parallel step failed on the first rank: {type(exc).__name__}: {exc}") from exc
 
     def _fail_step(self, plan: StepPlan, exc: Exception) -> list[CoreOutput]:
         """Fail every request of a step whose model forward failed. Their blocks are freed, so what
@@ -294,3 +326,13 @@ class EngineCore:
             prefix_cache_hits_total=self.blocks.hit_tokens,
             iteration_tokens=self.iteration_tokens.snapshot(),
         )
+
+
+def start_workers(config: EngineConfig, max_model_len: int, source: ModelSource) -> Workers | None:
+    """The other tensor-parallel ranks: none with one rank, torchrun's when it started this
+    process, else processes of this host started now."""
+    if config.tensor_parallel_size == 1:
+        return None
+    check_shardable(source.config, config.tensor_parallel_size, config.enable_expert_parallel)  # before any process
+    place = torchrun_rank()
+    return Workers.torchrun(place, config) if place else Workers.spawn(config, max_model_len, source)

@@ -19,6 +19,7 @@ from server.engine.output_processor import OutputProcessor
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.parallel.workers import Workers
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -65,25 +66,32 @@ def read_chat_template(value: str) -> str:
     return text
 
 
+def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    """The configured length (refused beyond the model's positions), else the model's, capped."""
+    limit, where = position_limit(hf_config)
+    if config.max_model_len is None:
+        return min(hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len: {config.max_model_len} is more than the model's {limit} positions "
+                         f"({where}); set it to at most {limit}")
+    return config.max_model_len
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, workers: Workers | None = None) -> None:
+        """`workers`: the other tensor-parallel ranks when the caller provides them (default:
+        started here when tensor_parallel_size > 1)."""
         self.config = config
         source = locate_model(config)
         self.hf_config = source.config
         self.tokenizer = load_tokenizer(config, source.tokenizer_dir)
-        self.max_model_len = self._max_model_len(config)
-        self.core = EngineCore(config, self.max_model_len, source, self._eos_ids())
+        self.max_model_len = resolve_max_model_len(config, self.hf_config)
+        self.core = EngineCore(config, self.max_model_len, source, self._eos_ids(), workers)
         self.outputs = OutputProcessor(self.tokenizer)
 
-    def _max_model_len(self, config: EngineConfig) -> int:
-        """The configured length (refused beyond the model's positions), else the model's, capped."""
-        limit, where = position_limit(self.hf_config)
-        if config.max_model_len is None:
-            return min(self.hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-        if config.max_model_len > limit:
-            raise ValueError(f"max_model_len: {config.max_model_len} is more than the model's {limit} positions "
-                             f"({where}); set it to at most {limit}")
-        return config.max_model_len
+    def shutdown(self) -> None:
+        """Stop the engine's other tensor-parallel ranks, if it has any."""
+        self.core.shutdown()
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)

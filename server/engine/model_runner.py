@@ -10,6 +10,12 @@ step's metadata, the model runs (a CUDA-graph replay when every sequence decodes
 the last row of every sequence that reached its end is sampled. `launch` issues all of that
 without waiting for the device (a token the previous step is still sampling is read from that
 step's output on the device); `collect` waits for a launched step and reads its tokens back.
+
+Tensor parallel: one runner per rank, each with its shard of the model and a whole copy of the
+cache. The first rank's runner (in the engine process) sends each plan down the `StepChannel`
+before running it; the others `follow` it: the same block-table updates and the same forward (the
+collectives meet inside it), their vocabulary slices of the logits, and the tokens the first rank
+sampled, which every rank needs as the next step's inputs.
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ from server.engine.sampler import PendingSamples, ReadySamples, start_sampling
 from server.engine.step import PLACEHOLDER_TOKEN, Sampled, SeqWork, StepPlan, StepResult
 from server.model.deepseek_v2 import DeepseekV2ForCausalLM
 from server.model.loader import CheckpointWeights, RandomWeights, WeightSource, checkpoint_directory
+from server.parallel.channel import StepChannel
+from server.parallel.group import SINGLE, TensorParallel
+from server.parallel.shards import check_shardable
 from server.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -100,27 +109,31 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource,
-                 eos_token_ids: set[int]) -> None:
+                 eos_token_ids: set[int], tp: TensorParallel = SINGLE, channel: StepChannel | None = None) -> None:
         self.config, self.max_model_len = config, max_model_len
         self.eos_token_ids = eos_token_ids  # min_tokens holds them back
+        self.tp, self.channel = tp, channel  # channel: the plans' way from the first rank to the others
         self.device = resolve_device(config.device)  # where a step's inputs start (the first GPU)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.kv_cache_dtype == "bf16" and self.dtype != torch.bfloat16:
             raise ValueError(f"kv_cache_dtype bf16 needs dtype bfloat16 (the model runs in {self.dtype}); the cache "
                              "holds the model dtype unless it is fp8: use auto, fp8 or fp8_e5m2")
         self.hf_config = source.config
+        check_shardable(self.hf_config, tp.size, config.enable_expert_parallel)
         num_layers = self.hf_config.num_hidden_layers
-        self.layer_devices = (split_layers(num_layers, gpu_devices(config.pipeline_parallel_size))
-                              if config.pipeline_parallel_size > 1 else [self.device] * num_layers)
         if config.pipeline_parallel_size > 1 and self.device.type != "cuda":
             raise ValueError("pipeline_parallel_size > 1 needs CUDA devices")
+        self.layer_devices = (split_layers(num_layers, gpu_devices(config.pipeline_parallel_size, self.device.index))
+                              if config.pipeline_parallel_size > 1 else [self.device] * num_layers)
         weights = self._weights(source)
         splices = self._splices(weights)
         self.layout = CacheLayout.for_splices(self.hf_config, splices, self.dtype, config.block_size,
                                               config.kv_cache_dtype)
         self.backend = get_backend(self.device, config.attention_backend)
         self.model = DeepseekV2ForCausalLM(self.hf_config, self.layout, self.backend, max_model_len, self.dtype,
-                                           self.layer_devices, fused_moe=config.fused_moe)
+                                           self.layer_devices, fused_moe=config.fused_moe,
+                                           tp_groups=dict.fromkeys(self.layer_devices, tp),
+                                           expert_parallel=config.enable_expert_parallel)
         self.model.load_weights(weights, splices)
         # Per layer: views of [num_blocks + 1, block_size, row_size]; the +1 is scratch.
         self.kv_caches: list[CacheViews] = []
@@ -167,9 +180,11 @@ class ModelRunner:
     # -- start-up: the cache ----------------------------------------------------------------------
 
     def num_blocks_for_budget(self) -> int:
-        """Cache blocks the KV budget buys on every device (the engine's block manager gets this many)."""
-        return plan_num_blocks(self.config, self.layout, layers_per_device(self.layer_devices),
-                               self.config.max_num_seqs * self.max_model_len, self.hf_config)
+        """Cache blocks the KV budget buys on every device of every rank (the engine's block
+        manager gets this many; every rank calls this at start-up)."""
+        blocks = plan_num_blocks(self.config, self.layout, layers_per_device(self.layer_devices),
+                                 self.config.max_num_seqs * self.max_model_len, self.hf_config)
+        return blocks if self.channel is None else self.channel.agree_min(blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One tensor per device for its layers. One extra block that no sequence owns takes the
@@ -196,17 +211,39 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         """Issue the step's device work (forward, logits, sampling, copies back) without waiting
-        for it, so that the host can prepare the next step meanwhile."""
-        self.release(plan)
-        input_ids, positions, meta = self.prepare(plan.work)
+        for it, so that the host can prepare the next step meanwhile. The first rank's call: the
+        other ranks are sent the plan first."""
+        if self.channel is not None:
+            self.channel.send(plan)
+        self._release(plan)
         self.penalties.see_prompt(plan.work)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self._forward(plan.work)
         pending = self._enqueue_sampling(plan.work, hidden)
         self._last_tokens, self._last_rows = pending.tokens, pending.rows
         return pending
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """Another rank's share of a plan the first rank launched: the forward, this rank's logit
+        slices, and the tokens the first rank sampled (the next step's inputs)."""
+        self._release(plan)
+        if not plan.work:
+            return
+        hidden = self._forward(plan.work)
+        prompts, samples = logit_rows(plan.work)
+        rows = _flat_rows(prompts, samples)
+        if rows:
+            self.model.compute_logits(hidden[to_device(np.array(rows), hidden.device)])
+        if samples:
+            tokens = torch.empty(len(samples), dtype=torch.long, device=self.layer_devices[-1])
+            self._last_tokens = self.model.head_tp.broadcast_from_first(tokens)
+            self._last_rows = {w.request_id: i for i, (w, _) in enumerate(samples)}
+
+    def _forward(self, work: list[SeqWork]) -> Tensor:
+        input_ids, positions, meta = self.prepare(work)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def collect(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step and read its tokens back."""
@@ -224,6 +261,12 @@ class ModelRunner:
         return result
 
     def release(self, plan: StepPlan) -> None:
+        """A plan with no work: its finished and preempted requests' rows are forgotten (on every rank)."""
+        if self.channel is not None and (plan.preempted or plan.finished):
+            self.channel.send(StepPlan([], plan.preempted, plan.finished))
+        self._release(plan)
+
+    def _release(self, plan: StepPlan) -> None:
         """Forget the block-table rows (and, when finished, the generators) of requests whose cache is gone."""
         for request_id in itertools.chain(plan.preempted, plan.finished):
             entry = self._rows.pop(request_id, None)
@@ -279,33 +322,43 @@ class ModelRunner:
 
     def _enqueue_sampling(self, work: list[SeqWork], hidden: Tensor) -> PendingStep:
         """Everything that reads this step's hidden states is issued now: a graph replay's output
-        buffer is overwritten by the next step."""
+        buffer is overwritten by the next step. The logits of every row wanted (prompt scores and
+        the rows to sample) come from one lm_head call, which tensor parallel makes a collective."""
         pending = PendingStep()
-        ends = np.cumsum([len(w.token_ids) for w in work])
-        for w, end in zip(work, ends):
-            if w.prompt_targets:
-                try:
-                    pending.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, hidden[end - len(w.token_ids):end])
-                except Exception as exc:  # noqa: BLE001 - this request alone fails
-                    pending.failed[w.request_id] = f"prompt logprobs failed: {type(exc).__name__}: {exc}"
-        chosen = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample and w.request_id not in pending.failed]
-        if not chosen:
+        prompts, samples = logit_rows(work)
+        rows = _flat_rows(prompts, samples)
+        if not rows:
             return pending
-        picked = [w for w, _ in chosen]
         try:
-            logits = self.model.compute_logits(hidden[to_device(np.array([r for _, r in chosen]), self.device)])
+            logits = self.model.compute_logits(hidden[to_device(np.array(rows), self.device)])
         except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
-            pending.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}" for w in picked})
+            if self.tp.size > 1:
+                raise  # the other ranks are inside the same collective: nothing to isolate
+            pending.failed.update({w.request_id: f"computing logits failed: {type(exc).__name__}: {exc}"
+                                   for w in [w for w, _, _ in prompts] + [w for w, _ in samples]})
             return pending
-        pending.samples = start_sampling(logits, picked, [self._generator(w) for w in picked], self.eos_token_ids,
-                                         self.penalties.apply)
+        offset = 0
+        for w, _, count in prompts:
+            try:
+                pending.prompt_logprobs[w.request_id] = self._prompt_logprobs(w, logits[offset:offset + count])
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                pending.failed[w.request_id] = f"prompt logprobs failed: {type(exc).__name__}: {exc}"
+            offset += count
+        if not samples:
+            return pending
+        # A request whose prompt scores failed is sampled anyway (every rank reads the same rows)
+        # and finished with its failure.
+        picked = [w for w, _ in samples]
+        pending.samples = start_sampling(logits[offset:], picked, [self._generator(w) for w in picked],
+                                         self.eos_token_ids, self.penalties.apply)
         self.penalties.record(pending.samples.tokens, picked)
+        self.model.head_tp.broadcast_from_first(pending.samples.tokens)
         pending.rows = {w.request_id: i for i, w in enumerate(picked)}
         return pending
 
-    def _prompt_logprobs(self, w: SeqWork, hidden: Tensor) -> Callable[[], list[TokenLogprob]]:
+    def _prompt_logprobs(self, w: SeqWork, logits: Tensor) -> Callable[[], list[TokenLogprob]]:
         """Issued now; the returned function builds the records (it waits for the device)."""
-        logprobs = self.model.compute_logits(hidden[: len(w.prompt_targets)]).log_softmax(-1)
+        logprobs = logits.log_softmax(-1)
         targets = to_device(np.array(w.prompt_targets, dtype=np.int64), logprobs.device)
         chosen = logprobs.gather(1, targets[:, None])[:, 0]
         top_values, top_ids = logprobs.topk(w.params.prompt_logprobs, dim=-1)
@@ -324,3 +377,20 @@ class ModelRunner:
             device = self.layer_devices[-1]
             self._generators[w.request_id] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[w.request_id]
+
+
+PromptRows = list[tuple[SeqWork, int, int]]  # (work, first row in the step's hidden states, rows)
+SampleRows = list[tuple[SeqWork, int]]  # (work, its last row)
+
+
+def logit_rows(work: list[SeqWork]) -> tuple[PromptRows, SampleRows]:
+    """The hidden-state rows whose logits a step needs, from the plan alone (so that every rank
+    agrees): each prompt-scoring sequence's rows, and the last row of each sequence to sample."""
+    ends = np.cumsum([len(w.token_ids) for w in work])
+    prompts = [(w, int(end) - len(w.token_ids), len(w.prompt_targets)) for w, end in zip(work, ends) if w.prompt_targets]
+    samples = [(w, int(end) - 1) for w, end in zip(work, ends) if w.sample]
+    return prompts, samples
+
+
+def _flat_rows(prompts: PromptRows, samples: SampleRows) -> list[int]:
+    return [first + j for _, first, count in prompts for j in range(count)] + [row for _, row in samples]

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 
-def gpu_devices(count: int) -> list[torch.device]:
+def gpu_devices(count: int, first: int = 0) -> list[torch.device]:
+    """`count` consecutive GPUs from `first` (a tensor-parallel rank's stages start at its own GPU)."""
     available = torch.cuda.device_count()
-    if count > available:
-        raise ValueError(f"pipeline_parallel_size={count} but only {available} CUDA device(s) are visible")
-    return [torch.device("cuda", i) for i in range(count)]
+    if first + count > available:
+        raise ValueError(f"pipeline_parallel_size={count} from cuda:{first} needs {first + count} CUDA device(s); "
+                         f"{available} are visible")
+    return [torch.device("cuda", i) for i in range(first, first + count)]
 
 
 def split_layers(num_layers: int, devices: list[torch.device]) -> list[torch.device]:

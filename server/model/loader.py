@@ -6,7 +6,8 @@ checkpoint of another shape fails with the name and both shapes, and random weig
 same loading code as real ones, splice folding included.
 
 Checkpoints are safetensors, one file or sharded with `model.safetensors.index.json`, read lazily
-tensor by tensor straight onto the device that asks.
+tensor by tensor straight onto the device that asks. A tensor-parallel rank asks for its `Part` of a
+tensor (a range of rows, columns or experts), and only that part is read from the file.
 """
 from __future__ import annotations
 
@@ -28,17 +29,28 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
+# A tensor-parallel rank's share of a weight: dimension -> [start, stop) (e.g. {0: (e0, e1), 1: (i0, i1)}).
+Part = dict[int, tuple[int, int]]
+
+
+def part_index(part: Part, ndim: int) -> tuple[slice, ...]:
+    return tuple(slice(*part[d]) if d in part else slice(None) for d in range(ndim))
+
+
 class WeightSource:
     """A source of named tensors; `get` returns one on `device` (set by the model to the device of
-    the layer it is loading) in `dtype`."""
+    the layer it is loading) in `dtype`. `shape` is always the whole tensor's (it is checked);
+    with `part`, only that part is returned."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
+        self.elsewhere: list[str] = []  # name prefixes that other tensor-parallel ranks read
 
     def has(self, name: str) -> bool:
         raise NotImplementedError
 
-    def get(self, name: str, shape, dtype: torch.dtype | None = None, init: str = "normal") -> Tensor:
+    def get(self, name: str, shape, dtype: torch.dtype | None = None, init: str = "normal",
+            part: Part | None = None) -> Tensor:
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -56,13 +68,16 @@ class CheckpointWeights(WeightSource):
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str, shape, dtype: torch.dtype | None = None, init: str = "normal") -> Tensor:
+    def get(self, name: str, shape, dtype: torch.dtype | None = None, init: str = "normal",
+            part: Part | None = None) -> Tensor:
         if name not in self.files:
             raise KeyError(f"{self.directory}: the checkpoint has no tensor {name!r}; is it a DeepSeek-V2 checkpoint?")
-        tensor = self._handle(self.files[name]).get_tensor(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"{self.directory}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(shape)}")
+        handle = self._handle(self.files[name])
+        stored = handle.get_slice(name)  # reads nothing yet
+        if tuple(stored.get_shape()) != tuple(shape):
+            raise ValueError(f"{self.directory}: {name} has shape {tuple(stored.get_shape())}, the config says {tuple(shape)}")
         self._read.add(name)
+        tensor = handle.get_tensor(name) if part is None else stored[part_index(part, len(shape))]
         return tensor.to(device=self.device, dtype=dtype or self.dtype)
 
     def _handle(self, file: str):
@@ -71,7 +86,8 @@ class CheckpointWeights(WeightSource):
         return self._handles[file]
 
     def finish(self) -> None:
-        unused = sorted(n for n in set(self.files) - self._read if not n.endswith(IGNORED_SUFFIXES))
+        unused = sorted(n for n in set(self.files) - self._read
+                        if not n.endswith(IGNORED_SUFFIXES) and not n.startswith(tuple(self.elsewhere)))
         if unused:
             log.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
         self._handles.clear()
@@ -87,12 +103,17 @@ class RandomWeights(WeightSource):
     def has(self, name: str) -> bool:
         return not name.endswith("experts.gate_up_proj")  # random weights use the per-expert names
 
-    def get(self, name: str, shape, dtype: torch.dtype | None = None, init: str = "normal") -> Tensor:
+    def get(self, name: str, shape, dtype: torch.dtype | None = None, init: str = "normal",
+            part: Part | None = None) -> Tensor:
+        """The whole tensor is drawn and then cut, so a rank's part holds the values a single
+        device would (one model, whatever the tensor-parallel size)."""
         dtype = dtype or self.dtype
         if init == "ones":
-            return torch.ones(shape, device=self.device, dtype=dtype)
-        gen = torch.Generator(device=self.device).manual_seed(self.seed ^ zlib.crc32(name.encode()))
-        return torch.empty(shape, device=self.device, dtype=dtype).normal_(0.0, self.std, generator=gen)
+            whole = torch.ones(shape, device=self.device, dtype=dtype)
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(self.seed ^ zlib.crc32(name.encode()))
+            whole = torch.empty(shape, device=self.device, dtype=dtype).normal_(0.0, self.std, generator=gen)
+        return whole if part is None else whole[part_index(part, len(shape))].contiguous()
 
 
 def _tensor_files(directory: Path) -> dict[str, str]:
