@@ -118,13 +118,18 @@ def test_eval_perplexity_equals_the_serving_engines(builtin, test_ids, ratio, kv
     if kv_cache_dtype == "auto":
         assert nll == pytest.approx(reference.nll_sum, rel=1e-5)
         return
-    assert nll == pytest.approx(reference.nll_sum, rel=1e-4)
     patch_model_with_kvsplice(model, ratio, init="truncate")
     try:
         unrounded = perplexity(model, test_ids, windows).nll_sum
     finally:
         unpatch_model(model)
-    assert abs(nll - unrounded) > 10 * abs(nll - reference.nll_sum)  # the rounding is really there
+    # e5m2 keeps 2 mantissa bits to e4m3's 3: a code value that the two implementations round
+    # differently moves twice as far. Measured over these 3 windows on an AMD EPYC: e4m3 3e-6 apart,
+    # e5m2 1.4e-4 (CI machines before it had stayed under 1e-4: the CPU's GEMM kernels decide which
+    # values land near a boundary).
+    assert nll == pytest.approx(reference.nll_sum, rel=1e-4 if kv_cache_dtype == "fp8" else 5e-4)
+    # The rounding is really there: far beyond how closely the two agree without it (rel 1e-5 above).
+    assert abs(nll - unrounded) > 5 * 1e-5 * unrounded
 
 
 def test_spliced_perplexity_differs_and_batching_does_not_matter(builtin, test_ids, original_ppl):

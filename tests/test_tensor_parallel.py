@@ -16,7 +16,7 @@ from kvsplice.model_source import load_config
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
-from server.parallel.capacity import _bytes, gpu_share
+from server.parallel.capacity import gpu_share, module_bytes
 from server.parallel.channel import decode, encode
 from server.parallel.shards import ExpertShard, VocabShard, check_shardable
 from server.engine.step import SeqWork, StepPlan
@@ -161,7 +161,7 @@ def test_capacity_arithmetic_matches_the_engine(checkpoint_dirs):
     engine = LLMEngine(EngineConfig(model=path, device="cpu", kv_cache_bytes=1 << 20, tensor_parallel_size=2,
                                     enable_expert_parallel=True))
     try:
-        held = _bytes(engine.core.runner.model)
+        held = module_bytes(engine.core.runner.model)
         capacity = engine.kv_capacity_tokens
     finally:
         engine.shutdown()

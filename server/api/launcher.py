@@ -42,11 +42,13 @@ class StartupError(ValueError):
 def serve(settings: Settings) -> int:
     if not (settings.load_format == "dummy" and shipped_config_name(settings.model)):
         check_available(settings.model)  # before torch is imported: a missing model fails in a second
-    from server.parallel.rendezvous import torchrun_rank
+    from server.parallel.rendezvous import check_world_size, torchrun_rank
 
     place = torchrun_rank()
-    if place is not None and place.rank != 0:
-        return serve_torchrun_worker(settings, place)
+    if place is not None:
+        check_world_size(place, settings.tensor_parallel_size)
+        if place.rank != 0:
+            return serve_torchrun_worker(settings, place)
     from server.engine.async_engine import AsyncLLMEngine  # heavy (torch): only when serving
 
     check_max_model_len(settings)
@@ -108,6 +110,11 @@ def log_capacity(engine, settings: Settings) -> None:
     logger.info("KV cache: %d bytes per token, capacity %d tokens = %.1f sequences of max_model_len %d "
                 "(%d blocks of %d tokens)", stats.kv_bytes_per_token, stats.kv_capacity_tokens, sequences,
                 engine.max_model_len, stats.num_blocks_total, stats.block_size)
+    if settings.tensor_parallel_size > 1:
+        logger.info("tensor_parallel_size %d%s x pipeline_parallel_size %d: rank 0 holds %.2f GB of weights; every "
+                    "rank holds the whole latent cache above (MLA's latent is read by all heads)",
+                    settings.tensor_parallel_size, " (expert parallel)" if settings.enable_expert_parallel else "",
+                    settings.pipeline_parallel_size, engine.engine.core.runner.weight_bytes / 1e9)
 
 
 class DrainingServer(uvicorn.Server):

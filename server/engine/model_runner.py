@@ -45,6 +45,7 @@ from server.engine.sampler import PendingSamples, ReadySamples, start_sampling
 from server.engine.step import PLACEHOLDER_TOKEN, Sampled, SeqWork, StepPlan, StepResult
 from server.model.deepseek_v2 import DeepseekV2ForCausalLM
 from server.model.loader import CheckpointWeights, RandomWeights, WeightSource, checkpoint_directory
+from server.parallel.capacity import module_bytes
 from server.parallel.channel import StepChannel
 from server.parallel.group import SINGLE, TensorParallel
 from server.parallel.shards import check_shardable
@@ -172,6 +173,11 @@ class ModelRunner:
                         "--splice-file FILE", cfg.compression_ratio, cfg.splice_init, cfg.model, cfg.compression_ratio)
             splices = make_splices(hf, cfg.compression_ratio, cfg.splice_init, seed=cfg.seed)
         return [s.to(device=d, dtype=torch.float32).eval() for s, d in zip(splices, self.layer_devices)]
+
+    @property
+    def weight_bytes(self) -> int:
+        """What this rank's model holds (its shard, with tensor parallelism)."""
+        return module_bytes(self.model)
 
     @property
     def multi_device(self) -> bool:

@@ -66,13 +66,13 @@ def gpu_share(hf_config, layout: CacheLayout, tensor_parallel_size: int = 1, pip
     check_shardable(hf_config, tensor_parallel_size, expert_parallel)
     stages = split_layers(hf_config.num_hidden_layers, [torch.device("cuda", s) for s in range(pipeline_parallel_size)])
     layers_on_stage = layers_per_device(stages)
-    weights = max(_stage_weight_bytes(hf_config, layout, rank, tensor_parallel_size, expert_parallel, dtype, stages)
+    weights = max(_stage_weightmodule_bytes(hf_config, layout, rank, tensor_parallel_size, expert_parallel, dtype, stages)
                   for rank in range(tensor_parallel_size))
     return GpuShare(tensor_parallel_size, pipeline_parallel_size, expert_parallel and tensor_parallel_size > 1,
                     weights, layout.bytes_per_token_per_layer * max(layers_on_stage.values()))
 
 
-def _stage_weight_bytes(hf_config, layout: CacheLayout, rank: int, size: int, expert_parallel: bool,
+def _stage_weightmodule_bytes(hf_config, layout: CacheLayout, rank: int, size: int, expert_parallel: bool,
                         dtype: torch.dtype, stages: list[torch.device]) -> int:
     """The largest stage's parameter and buffer bytes for one tensor-parallel rank."""
     tp = TensorParallel(rank, size)  # shapes only: a meta model runs no collective
@@ -80,12 +80,12 @@ def _stage_weight_bytes(hf_config, layout: CacheLayout, rank: int, size: int, ex
                                   tp_groups={META: tp}, expert_parallel=expert_parallel)
     per_stage = dict.fromkeys(stages, 0)
     for layer, stage in zip(model.layers, stages):
-        per_stage[stage] += _bytes(layer)
-    per_stage[stages[0]] += _bytes(model.embed_tokens)
-    per_stage[stages[-1]] += _bytes(model.norm) + model.lm_head.numel() * model.lm_head.element_size()
+        per_stage[stage] += module_bytes(layer)
+    per_stage[stages[0]] += module_bytes(model.embed_tokens)
+    per_stage[stages[-1]] += module_bytes(model.norm) + model.lm_head.numel() * model.lm_head.element_size()
     return max(per_stage.values())
 
 
-def _bytes(module: torch.nn.Module) -> int:
+def module_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -41,6 +41,12 @@ def torchrun_rank() -> TorchrunRank | None:
                         int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
+def check_world_size(place: TorchrunRank, tensor_parallel_size: int) -> None:
+    if place.world_size != tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but torchrun started {place.world_size} "
+                         f"ranks (WORLD_SIZE); they must be equal")
+
+
 def local_init_method() -> str:
     """A loopback address with a port that was free a moment ago, for workers this process starts."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -68,7 +68,12 @@ def run_spawned(spec: WorkerSpec) -> None:
 
 
 def run_torchrun(config: EngineConfig, place: TorchrunRank, max_model_len_of, log_level: int) -> int:
-    """A torchrun rank other than 0: find the model as rank 0 does, then follow it. Returns the exit status."""
+    """A torchrun rank other than 0: find the model as rank 0 does, then follow it. Returns the exit status.
+
+    A supervisor's SIGTERM (or a terminal's SIGINT) reaches every rank; only rank 0 acts on it (it
+    drains, then tells this rank to stop), so this rank ignores both."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     _configure_logging(log_level, place.rank)
     config = rank_config(config, place.local_rank)
     try:

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from server.engine.config import EngineConfig
 from server.parallel.channel import StepChannel
 from server.parallel.group import TensorParallel
-from server.parallel.rendezvous import TorchrunRank, connect, disconnect, local_init_method, rank_config
+from server.parallel.rendezvous import (TorchrunRank, check_world_size, connect, disconnect, local_init_method,
+                                        rank_config)
 from server.parallel.worker import WorkerSpec, run_spawned
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,7 @@ class Workers:
     @classmethod
     def torchrun(cls, place: TorchrunRank, config: EngineConfig) -> Workers:
         """Rank 0 of a torchrun launch; the others run server.parallel.worker.run_torchrun."""
-        if place.world_size != config.tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} but torchrun started "
-                             f"{place.world_size} ranks (WORLD_SIZE); they must be equal")
+        check_world_size(place, config.tensor_parallel_size)
         device = torch.device(rank_config(config, place.local_rank).device)
         tp, channel = connect(place.rank, place.world_size, "env://", device)
         return cls(tp, channel, local_rank=place.local_rank)
