@@ -4,6 +4,11 @@ workloads. Prints one table and writes JSON.
 
 On the CPU it runs the built-in model; on a GPU `--shape deepseek-v2-lite` builds that shape with
 random bf16 weights (speed and memory do not depend on the weight values).
+
+`--tensor-parallel-size N` runs the engine over N ranks (one GPU each). With `--one-rank` it runs
+only rank 0's shard, alone, its collectives replaced by no-ops: what one GPU of an N-GPU group
+computes and holds, without the communication, on a machine with one GPU. Its outputs are not
+the model's (nothing is summed): a measurement of compute and memory only.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_runner import resolve_device
 from server.engine.sampling_params import SamplingParams
+from server.parallel.workers import Workers
 
 
 @dataclass
@@ -185,16 +191,19 @@ def bench(args) -> list[Row]:
     progress = tqdm(total=len(engine_systems(args)) * sum(len(w.batch_sizes) for w in args.workload),
                     desc="engine rows", unit="row")
     for kv_cache_dtype, ratio in engine_systems(args):
-        engine = LLMEngine(engine_config(args, device, ratio, kv_cache_dtype))
+        workers = Workers.alone(args.tensor_parallel_size) if args.one_rank else None
+        engine = LLMEngine(engine_config(args, device, ratio, kv_cache_dtype), workers=workers)
         for w in args.workload:
             for b in w.batch_sizes:
-                rows.append(bench_engine_row(engine, w, b, ratio, config, bandwidth, args.trials, vocab))
+                rows.append(bench_engine_row(engine, w, b, ratio, config, bandwidth, args.trials, vocab,
+                                             parallel_name(args)))
                 print_row(rows[-1])
                 progress.update()
         for batch in args.profile_batch or []:
             name = system_name(ratio, kv_cache_dtype).replace("engine@", "").replace(",", "_")
             profile_decode(engine, vocab, batch, args.workload[0].prompt_len, device,
                            args.out and Path(args.out).with_name(f"profile_engine_{name}_batch{batch}.txt"))
+        engine.shutdown()
         del engine
         free_memory(device)
     progress.close()
@@ -206,8 +215,17 @@ def engine_systems(args) -> list[tuple[str, float]]:
     return [(kv, ratio) for kv in args.kv_cache_dtypes for ratio in args.ratios]
 
 
-def system_name(ratio: float, kv_cache_dtype: str = "auto") -> str:
-    return f"engine@{ratio}" + ("" if kv_cache_dtype == "auto" else f",{kv_cache_dtype}")
+def system_name(ratio: float, kv_cache_dtype: str = "auto", parallel: str = "") -> str:
+    return f"engine@{ratio}" + ("" if kv_cache_dtype == "auto" else f",{kv_cache_dtype}") + parallel
+
+
+def parallel_name(args) -> str:
+    """How the engine is split, for the row names: '', ',tp8', ',ep8', ',tp8 rank0 alone'."""
+    if args.tensor_parallel_size == 1 and args.pipeline_parallel_size == 1:
+        return ""
+    name = f",{'ep' if args.enable_expert_parallel else 'tp'}{args.tensor_parallel_size}"
+    name += f"xpp{args.pipeline_parallel_size}" if args.pipeline_parallel_size > 1 else ""
+    return name + (" rank0 alone" if args.one_rank else "")
 
 
 def engine_config(args, device: torch.device, ratio: float, kv_cache_dtype: str = "auto") -> EngineConfig:
@@ -218,7 +236,9 @@ def engine_config(args, device: torch.device, ratio: float, kv_cache_dtype: str 
         compression_ratio=ratio, kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=max_batch,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len, block_size=args.block_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, fused_moe=not args.no_fused_moe,
+        pipeline_parallel_size=args.pipeline_parallel_size, tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
+        fused_moe=not args.no_fused_moe,
         async_scheduling=not args.no_async_scheduling, kv_cache_dtype=kv_cache_dtype,
         enable_prefix_caching=False,  # trials repeat their prompts: timed runs would read the cache
     )
@@ -244,7 +264,7 @@ def bench_transformers(args, device: torch.device, dtype: torch.dtype, vocab: in
 
 
 def bench_engine_row(engine: LLMEngine, w: Workload, batch: int, ratio: float, config, bandwidth: float | None,
-                     trials: int, vocab: int) -> Row:
+                     trials: int, vocab: int, parallel: str = "") -> Row:
     """One (workload, batch) row: a warm-up run of the same shapes (kernel compiles, allocator),
     then `trials` timed runs; every figure is the median over the trials."""
     prompts = random_prompts(vocab, batch, w.prompt_len, seed=batch)
@@ -258,9 +278,10 @@ def bench_engine_row(engine: LLMEngine, w: Workload, batch: int, ratio: float, c
     floor_s = (decode_bytes_per_step(config, batch, w.prompt_len + w.new_tokens // 2, ratio,
                                      kv_cache_dtype=stats.kv_cache_dtype) / bandwidth
                if bandwidth else float("nan"))
-    return Row(system_name(ratio, stats.kv_cache_dtype), w.prompt_len, w.new_tokens, batch, seconds, batch * w.new_tokens / seconds, ttft,
-               peak_gib(engine.core.runner.device), stats.kv_bytes_per_token,
+    return Row(system_name(ratio, stats.kv_cache_dtype, parallel), w.prompt_len, w.new_tokens, batch, seconds,
+               batch * w.new_tokens / seconds, ttft, peak_gib(engine.core.runner.device), stats.kv_bytes_per_token,
                {"kv_capacity_tokens": stats.kv_capacity_tokens, "preemptions": stats.num_preemptions_total,
+                "weight_gib": engine.core.runner.weight_bytes / 2**30,
                 "decode_step_ms": step_s * 1e3, "decode_floor_ms": floor_s * 1e3,
                 "bandwidth_fraction": floor_s / step_s, "prefill_tok_s": prefill_tok_s, "trials": trials,
                 "tok_s_spread": [batch * w.new_tokens / r[0] for r in runs]})
@@ -371,6 +392,8 @@ def environment(device: torch.device) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.shape is not None and args.model != "builtin":
         raise SystemExit("kvsplice bench: give --model or --shape, not both")
+    if args.one_rank and args.tensor_parallel_size == 1:
+        raise SystemExit("kvsplice bench: --one-rank needs --tensor-parallel-size > 1")
     if args.batch_sizes:  # the original guide's interface: --batch-sizes with --seq-len (and --new-tokens)
         args.workload = [*(args.workload or []), Workload(args.seq_len, args.new_tokens, args.batch_sizes)]
     args.workload = args.workload or [Workload(64, 32, [1, 8, 32])]
@@ -379,9 +402,12 @@ def run(args: argparse.Namespace) -> int:
     rows = bench(args)
     device = resolve_device(args.device)
     argv = sys.argv[1:]
-    engines = [system_name(ratio, kv) for kv, ratio in engine_systems(args)]
+    engines = [system_name(ratio, kv, parallel_name(args)) for kv, ratio in engine_systems(args)]
     result = {"command": "kvsplice bench " + " ".join(argv[1:] if argv[:1] == ["bench"] else argv),
               "environment": environment(device), "ratios": args.ratios, "kv_cache_dtypes": args.kv_cache_dtypes,
+              "parallel": {"tensor_parallel_size": args.tensor_parallel_size,
+                           "pipeline_parallel_size": args.pipeline_parallel_size,
+                           "enable_expert_parallel": args.enable_expert_parallel, "one_rank": args.one_rank},
               "rows": [asdict(r) for r in rows]}
     print("\n" + table(rows, engines))
     if args.out:
@@ -407,6 +433,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--pipeline-parallel-size", type=positive_int, default=1, help="GPUs to split the layers over")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="ranks (GPUs) to shard the model over")
+    p.add_argument("--enable-expert-parallel", action="store_true", help="whole routed experts per rank")
+    p.add_argument("--one-rank", action="store_true",
+                   help="with --tensor-parallel-size N: run rank 0's shard alone, collectives as no-ops (one GPU's "
+                        "compute and memory in an N-GPU group, without communication)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of the GPU for weights + activations + KV (wins over the fraction)")
     p.add_argument("--no-fused-moe", action="store_true", help="engine uses transformers' experts at every batch")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="engine collects each step before scheduling the next (the before of async scheduling)")

@@ -166,3 +166,42 @@ def test_fp8_engine_graphs_match_eager(checkpoint_dirs):
     eager = LLMEngine(EngineConfig(**common, cuda_graphs=False))
     a, b = run_engine(graphed, PROMPTS, greedy()), run_engine(eager, PROMPTS, greedy())
     assert {k: o.token_ids for k, o in a.items()} == {k: o.token_ids for k, o in b.items()}
+
+
+def test_one_rank_nccl_group_inside_graphs_changes_nothing(checkpoint_dirs):
+    """The tensor-parallel path on one GPU: a one-rank NCCL group's all-reduces, logits gather and
+    token broadcast, captured in the decode graphs, and the step channel: the same tokens and
+    log-probabilities as no group at all."""
+    from server.parallel.rendezvous import connect, local_init_method
+    from server.parallel.workers import Workers
+
+    common = dict(model=checkpoint_dirs["qlora"], device="cuda", dtype="float32", kv_cache_bytes=64 << 20,
+                  max_num_seqs=8)
+    plain = run_engine(LLMEngine(EngineConfig(**common)), PROMPTS, greedy())
+    tp, channel = connect(0, 1, local_init_method(), torch.device("cuda", torch.cuda.current_device()))
+    engine = LLMEngine(EngineConfig(**common), workers=Workers(tp, channel))
+    try:
+        assert engine.core.runner.graphs is not None and engine.core.runner.tp.group is not None
+        grouped = run_engine(engine, PROMPTS, greedy())
+    finally:
+        engine.shutdown()
+    assert {k: o.token_ids for k, o in grouped.items()} == {k: o.token_ids for k, o in plain.items()}
+    for k, lp in top_logprobs(grouped).items():
+        torch.testing.assert_close(lp, top_logprobs(plain)[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_two_ranks_over_two_gpus_match_one(checkpoint_dirs, expert_parallel):
+    common = dict(model=checkpoint_dirs["qlora"], device="cuda", dtype="float32", kv_cache_bytes=64 << 20,
+                  compression_ratio=0.5, max_num_seqs=8)
+    one = run_engine(LLMEngine(EngineConfig(**common)), PROMPTS, greedy())
+    sharded = LLMEngine(EngineConfig(**common, tensor_parallel_size=2, enable_expert_parallel=expert_parallel))
+    try:
+        assert sharded.core.runner.graphs is not None
+        two = run_engine(sharded, PROMPTS, greedy())
+    finally:
+        sharded.shutdown()
+    assert {k: o.token_ids for k, o in two.items()} == {k: o.token_ids for k, o in one.items()}
+    for k, lp in top_logprobs(two).items():
+        torch.testing.assert_close(lp, top_logprobs(one)[k], rtol=0, atol=2e-3)  # TF32 sums in another order

@@ -3,8 +3,9 @@
 A model layer holds a `TensorParallel` and calls it where partial results meet: `all_reduce` after a
 row-parallel projection (o_proj, the MLP's down projection, the experts) and after the vocab-parallel
 embedding; `gather_to_first` for the lm_head's logit slices (the first rank samples);
-`broadcast_from_first` for the sampled tokens (every rank embeds them next step). With one rank,
-each is the identity, so one code path serves both.
+`broadcast_from_first` for the sampled tokens (every rank embeds them next step). Without a group
+(one rank) each is the identity, so one code path serves both; a group of one rank still runs
+them (the GPU tests use that to capture real NCCL calls in the decode graphs on one GPU).
 
 On CUDA the group is NCCL's, and the collectives are issued on the current stream without a host
 wait, so they are captured in the decode CUDA graphs like any kernel; on the CPU it is gloo's.
@@ -22,7 +23,7 @@ from torch import Tensor
 class TensorParallel:
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None  # None with one rank
+    group: dist.ProcessGroup | None = None  # None: one rank, no collectives
 
     @property
     def is_first(self) -> bool:
@@ -34,13 +35,13 @@ class TensorParallel:
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """x summed over the group, in place."""
-        if self.size > 1:
+        if self.group is not None:
             dist.all_reduce(x, group=self.group)
         return x
 
     def gather_to_first(self, x: Tensor) -> Tensor | None:
         """Every rank's x [..., n] side by side, [..., size * n], on the first rank; None elsewhere."""
-        if self.size == 1:
+        if self.group is None:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_first else None
@@ -49,7 +50,7 @@ class TensorParallel:
 
     def broadcast_from_first(self, x: Tensor) -> Tensor:
         """The first rank's x, into x on every rank (in place)."""
-        if self.size > 1:
+        if self.group is not None:
             dist.broadcast(x, src=self._first(), group=self.group)
         return x
 
