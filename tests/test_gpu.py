@@ -178,8 +178,8 @@ def test_one_rank_nccl_group_inside_graphs_changes_nothing(checkpoint_dirs):
     common = dict(model=checkpoint_dirs["qlora"], device="cuda", dtype="float32", kv_cache_bytes=64 << 20,
                   max_num_seqs=8)
     plain = run_engine(LLMEngine(EngineConfig(**common)), PROMPTS, greedy())
-    tp, channel = connect(0, 1, local_init_method(), torch.device("cuda", torch.cuda.current_device()))
-    engine = LLMEngine(EngineConfig(**common), workers=Workers(tp, channel))
+    tp_stages, channel = connect(0, 1, local_init_method(), torch.device("cuda", torch.cuda.current_device()))
+    engine = LLMEngine(EngineConfig(**common), workers=Workers(tp_stages, channel))
     try:
         assert engine.core.runner.graphs is not None and engine.core.runner.tp.group is not None
         grouped = run_engine(engine, PROMPTS, greedy())

@@ -64,6 +64,8 @@ def run_sharded(config: EngineConfig, params, **run_kw) -> tuple[dict, dict]:
     engine's stats; the workers are stopped and must exit cleanly."""
     sharded = LLMEngine(config)
     processes = sharded.core.workers.processes
+    stage_groups = {id(layer.self_attn.tp.group) for layer in sharded.core.runner.model.layers}
+    assert len(stage_groups) == config.pipeline_parallel_size
     assert len(processes) == config.tensor_parallel_size - 1 and all(p.is_alive() for p in processes)
     try:
         outs = run(sharded, params, **run_kw)
@@ -74,17 +76,19 @@ def run_sharded(config: EngineConfig, params, **run_kw) -> tuple[dict, dict]:
     return outs, stats
 
 
-CASES = [  # variant, tensor_parallel_size, expert parallel, ratio
-    pytest.param("lite", 2, False, 1.0, id="lite-tp2"),
-    pytest.param("lite", 4, False, 0.5, id="lite-tp4-ratio0.5"),
-    pytest.param("lite", 2, True, 0.5, id="lite-ep2-ratio0.5"),
-    pytest.param("qlora", 4, True, 1.0, id="qlora-ep4"),
-    pytest.param("qlora", 2, False, 0.5, id="qlora-tp2-ratio0.5"),
+CASES = [  # variant, tensor_parallel_size, expert parallel, pipeline_parallel_size, ratio
+    pytest.param("lite", 2, False, 1, 1.0, id="lite-tp2"),
+    pytest.param("lite", 4, False, 1, 0.5, id="lite-tp4-ratio0.5"),
+    pytest.param("lite", 2, True, 1, 0.5, id="lite-ep2-ratio0.5"),
+    pytest.param("qlora", 4, True, 1, 1.0, id="qlora-ep4"),
+    pytest.param("qlora", 2, False, 2, 0.5, id="qlora-tp2xpp2-ratio0.5"),
 ]
 
 
-@pytest.mark.parametrize("variant,tp,ep,ratio", CASES)
-def test_sharded_engine_matches_one_rank(checkpoint_dirs, half_splices, variant, tp, ep, ratio):
+@pytest.mark.parametrize("variant,tp,ep,pp,ratio", CASES)
+def test_sharded_engine_matches_one_rank(checkpoint_dirs, half_splices, variant, tp, ep, pp, ratio):
+    """With pipeline_parallel_size, each rank's layers form stages with a group each (on the CPU
+    the stages share the CPU: the groups are what is tested)."""
     path = checkpoint_dirs[variant]
     splice = {"splice_file": half_splices[variant]} if ratio == 0.5 else {}
     # Small steps (prompts prefill in chunks beside decodes); the prompts repeat (prefix-cache hits).
@@ -92,8 +96,8 @@ def test_sharded_engine_matches_one_rank(checkpoint_dirs, half_splices, variant,
     probe = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * len(PROMPTS)
     params = workload(stop_token=run(LLMEngine(EngineConfig(**common)), probe)["2"].token_ids[4])
     one = run(LLMEngine(EngineConfig(**common)), params, abort_after={"7": 6})
-    sharded, stats = run_sharded(EngineConfig(**common, tensor_parallel_size=tp, enable_expert_parallel=ep), params,
-                                 abort_after={"7": 6})
+    sharded, stats = run_sharded(EngineConfig(**common, tensor_parallel_size=tp, enable_expert_parallel=ep,
+                                              pipeline_parallel_size=pp), params, abort_after={"7": 6})
     assert_same_outputs(one, sharded)
     assert sharded["7"].finish_reason == "abort" and sharded["1"].prompt_logprobs[1] is not None
     assert stats.prefix_cache_hits_total > 0 and stats.num_blocks_free == stats.num_blocks_total

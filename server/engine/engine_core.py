@@ -119,7 +119,7 @@ class EngineCore:
             self.runner = ModelRunner(config, max_model_len, source, self.eos_token_ids)
         else:
             self.runner = ModelRunner(rank_config(config, self.workers.local_rank), max_model_len, source,
-                                      self.eos_token_ids, self.workers.tp, self.workers.channel)
+                                      self.eos_token_ids, self.workers.tp_stages, self.workers.channel)
         self.layout = self.runner.layout
         num_blocks = self.runner.num_blocks_for_budget()
         self.runner.allocate_kv_cache(num_blocks)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +38,7 @@ from server.attention.metadata import AttentionMetadata, StepShape
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_budget import plan_num_blocks
-from server.engine.placement import gpu_devices, layers_per_device, split_layers
+from server.engine.placement import layers_per_device, split_layers, stage_devices
 from server.engine.outputs import TokenLogprob
 from server.engine.penalties import PenaltyState
 from server.engine.sampler import PendingSamples, ReadySamples, start_sampling
@@ -110,22 +110,24 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource,
-                 eos_token_ids: set[int], tp: TensorParallel = SINGLE, channel: StepChannel | None = None) -> None:
+                 eos_token_ids: set[int], tp_stages: Sequence[TensorParallel] = (SINGLE,),
+                 channel: StepChannel | None = None) -> None:
+        """`tp_stages`: the tensor-parallel group of each pipeline stage (one for all of them is
+        enough without a layer split); `channel`: the plans' way from the first rank to the others."""
         self.config, self.max_model_len = config, max_model_len
         self.eos_token_ids = eos_token_ids  # min_tokens holds them back
-        self.tp, self.channel = tp, channel  # channel: the plans' way from the first rank to the others
+        self.tp, self.channel = tp_stages[0], channel
         self.device = resolve_device(config.device)  # where a step's inputs start (the first GPU)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.kv_cache_dtype == "bf16" and self.dtype != torch.bfloat16:
             raise ValueError(f"kv_cache_dtype bf16 needs dtype bfloat16 (the model runs in {self.dtype}); the cache "
                              "holds the model dtype unless it is fp8: use auto, fp8 or fp8_e5m2")
         self.hf_config = source.config
-        check_shardable(self.hf_config, tp.size, config.enable_expert_parallel)
-        num_layers = self.hf_config.num_hidden_layers
-        if config.pipeline_parallel_size > 1 and self.device.type != "cuda":
-            raise ValueError("pipeline_parallel_size > 1 needs CUDA devices")
-        self.layer_devices = (split_layers(num_layers, gpu_devices(config.pipeline_parallel_size, self.device.index))
-                              if config.pipeline_parallel_size > 1 else [self.device] * num_layers)
+        check_shardable(self.hf_config, self.tp.size, config.enable_expert_parallel)
+        stages = stage_devices(self.device, config.pipeline_parallel_size)
+        layer_stages = split_layers(self.hf_config.num_hidden_layers, list(range(len(stages))))
+        self.layer_devices = [stages[s] for s in layer_stages]
+        layer_tp = [tp_stages[s] if len(tp_stages) > 1 else tp_stages[0] for s in layer_stages]
         weights = self._weights(source)
         splices = self._splices(weights)
         self.layout = CacheLayout.for_splices(self.hf_config, splices, self.dtype, config.block_size,
@@ -133,8 +135,7 @@ class ModelRunner:
         self.backend = get_backend(self.device, config.attention_backend)
         self.model = DeepseekV2ForCausalLM(self.hf_config, self.layout, self.backend, max_model_len, self.dtype,
                                            self.layer_devices, fused_moe=config.fused_moe,
-                                           tp_groups=dict.fromkeys(self.layer_devices, tp),
-                                           expert_parallel=config.enable_expert_parallel)
+                                           layer_tp=layer_tp, expert_parallel=config.enable_expert_parallel)
         self.model.load_weights(weights, splices)
         # Per layer: views of [num_blocks + 1, block_size, row_size]; the +1 is scratch.
         self.kv_caches: list[CacheViews] = []

@@ -1,13 +1,21 @@
 """Where the model's layers live when one model spans several GPUs of a host (a layer split).
 
-Layers are cut into contiguous groups, one per GPU; the embedding sits with the first group, the
-final norm and lm_head with the last. Each GPU holds the paged cache of its own layers, so a token
-costs `layers_on_gpu x (r + rope) x bytes` on each GPU and every GPU must hold every running token:
-capacity is the smallest of the GPUs' budgets over their per-token bytes.
+Layers are cut into contiguous groups (stages), one per GPU; the embedding sits with the first
+group, the final norm and lm_head with the last. Each GPU holds the paged cache of its own layers,
+so a token costs `layers_on_gpu x (r + rope) x bytes` on each GPU and every GPU must hold every
+running token: capacity is the smallest of the GPUs' budgets over their per-token bytes.
+
+With tensor parallelism each rank splits its layers the same way over GPUs of its own. On the CPU
+every stage is the CPU: a layer split there changes no placement, only which tensor-parallel group
+each layer's collectives use (the tests run it that way).
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 def gpu_devices(count: int, first: int = 0) -> list[torch.device]:
@@ -19,14 +27,20 @@ def gpu_devices(count: int, first: int = 0) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(first, first + count)]
 
 
-def split_layers(num_layers: int, devices: list[torch.device]) -> list[torch.device]:
-    """Device of each layer: contiguous groups, sizes differing by at most one (earlier groups larger)."""
-    if len(devices) > num_layers:
-        raise ValueError(f"cannot split {num_layers} layers over {len(devices)} devices")
-    base, extra = divmod(num_layers, len(devices))
-    placement: list[torch.device] = []
-    for i, device in enumerate(devices):
-        placement += [device] * (base + (1 if i < extra else 0))
+def stage_devices(first: torch.device, count: int) -> list[torch.device]:
+    """The devices of `count` stages: consecutive GPUs from `first`, or the CPU for each."""
+    return gpu_devices(count, first.index) if first.type == "cuda" else [first] * count
+
+
+def split_layers(num_layers: int, stages: list[T]) -> list[T]:
+    """Stage (device, or index) of each layer: contiguous groups, sizes differing by at most one
+    (earlier groups larger)."""
+    if len(stages) > num_layers:
+        raise ValueError(f"cannot split {num_layers} layers over {len(stages)} devices")
+    base, extra = divmod(num_layers, len(stages))
+    placement: list[T] = []
+    for i, stage in enumerate(stages):
+        placement += [stage] * (base + (1 if i < extra else 0))
     return placement
 
 

@@ -373,21 +373,22 @@ def load_vocab_rows(param: Tensor, shard: VocabShard, weights: WeightSource, nam
 
 class DeepseekV2ForCausalLM(nn.Module):
     """Embedding, decoder layers (each on its own device for a layer split), final norm, lm_head.
-    `tp_groups` gives each device's tensor-parallel group (default: one rank everywhere)."""
+    `layer_tp` gives each layer's tensor-parallel group (default: one rank everywhere); the
+    embedding uses the first layer's, the lm_head the last one's."""
 
     def __init__(self, config, layout: CacheLayout, backend: AttentionBackend, max_positions: int,
                  dtype: torch.dtype, layer_devices: list[torch.device], fused_moe: bool = True,
-                 tp_groups: dict[torch.device, TensorParallel] | None = None, expert_parallel: bool = False) -> None:
+                 layer_tp: list[TensorParallel] | None = None, expert_parallel: bool = False) -> None:
         super().__init__()
         self.config, self.layout, self.dtype = config, layout, dtype
         self.layer_devices = layer_devices
-        tp = tp_groups or dict.fromkeys(layer_devices, SINGLE)
+        tp = layer_tp or [SINGLE] * len(layer_devices)
         first, last = layer_devices[0], layer_devices[-1]
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp[first], dtype, first)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, layout, backend, tp[d], dtype, d, fused_moe, expert_parallel)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp[0], dtype, first)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, layout, backend, tp[i], dtype, d, fused_moe, expert_parallel)
                                     for i, d in enumerate(layer_devices))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps).to(device=last, dtype=dtype)
-        self.head_tp = tp[last]
+        self.head_tp = tp[-1]
         self.head_shard = VocabShard.of(config.vocab_size, self.head_tp.rank, self.head_tp.size)
         self.lm_head = _param(self.head_shard.rows, config.hidden_size, dtype=dtype, device=last)
         # One cos/sin table per device (a layer split would otherwise copy it every layer).

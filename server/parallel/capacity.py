@@ -77,7 +77,7 @@ def _stage_weightmodule_bytes(hf_config, layout: CacheLayout, rank: int, size: i
     """The largest stage's parameter and buffer bytes for one tensor-parallel rank."""
     tp = TensorParallel(rank, size)  # shapes only: a meta model runs no collective
     model = DeepseekV2ForCausalLM(hf_config, layout, TorchBackend(), 1, dtype, [META] * len(stages),
-                                  tp_groups={META: tp}, expert_parallel=expert_parallel)
+                                  layer_tp=[tp] * len(stages), expert_parallel=expert_parallel)
     per_stage = dict.fromkeys(stages, 0)
     for layer, stage in zip(model.layers, stages):
         per_stage[stage] += module_bytes(layer)

@@ -63,8 +63,11 @@ def rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
     return replace(config, device=f"cuda:{base + local_rank * config.pipeline_parallel_size}")
 
 
-def connect(rank: int, world_size: int, init_method: str, device: torch.device) -> tuple[TensorParallel, StepChannel]:
-    """Join the groups (every rank calls this; it returns once all have)."""
+def connect(rank: int, world_size: int, init_method: str, device: torch.device,
+            stages: int = 1) -> tuple[list[TensorParallel], StepChannel]:
+    """Join the groups (every rank calls this; it returns once all have): the model's group of each
+    pipeline stage, and the step channel's. The stages' groups hold the same ranks, but a rank's
+    stages sit on different GPUs and an NCCL communicator serves one GPU."""
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a process group: one tensor-parallel engine per process")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -72,8 +75,9 @@ def connect(rank: int, world_size: int, init_method: str, device: torch.device) 
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=MODEL_TIMEOUT)
+    groups = [dist.group.WORLD] + [dist.new_group(backend=backend, timeout=MODEL_TIMEOUT) for _ in range(stages - 1)]
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return TensorParallel(rank, world_size, dist.group.WORLD), StepChannel(control, rank)
+    return [TensorParallel(rank, world_size, g) for g in groups], StepChannel(control, rank)
 
 
 def disconnect() -> None:

@@ -39,15 +39,15 @@ class WorkerSpec:
     cpu_threads: int  # on the CPU: the ranks share the cores
 
 
-def follow_first_rank(config: EngineConfig, max_model_len: int, source: ModelSource, tp: TensorParallel,
-                      channel: StepChannel) -> None:
-    runner = ModelRunner(config, max_model_len, source, set(), tp, channel)
+def follow_first_rank(config: EngineConfig, max_model_len: int, source: ModelSource,
+                      tp_stages: list[TensorParallel], channel: StepChannel) -> None:
+    runner = ModelRunner(config, max_model_len, source, set(), tp_stages, channel)
     runner.allocate_kv_cache(runner.num_blocks_for_budget())
     runner.capture_decode_graphs()
-    log.info("rank %d of %d ready on %s", tp.rank, tp.size, runner.device)
+    log.info("rank %d of %d ready on %s", runner.tp.rank, runner.tp.size, runner.device)
     while (plan := channel.receive()) is not None:
         runner.follow(plan)
-    log.info("rank %d stopping", tp.rank)
+    log.info("rank %d stopping", runner.tp.rank)
 
 
 def run_spawned(spec: WorkerSpec) -> None:
@@ -58,8 +58,9 @@ def run_spawned(spec: WorkerSpec) -> None:
     if device.type == "cpu":
         torch.set_num_threads(spec.cpu_threads)
     try:
-        tp, channel = connect(spec.rank, spec.world_size, spec.init_method, device)
-        follow_first_rank(spec.config, spec.max_model_len, spec.source, tp, channel)
+        tp_stages, channel = connect(spec.rank, spec.world_size, spec.init_method, device,
+                                     spec.config.pipeline_parallel_size)
+        follow_first_rank(spec.config, spec.max_model_len, spec.source, tp_stages, channel)
     except Exception:  # noqa: BLE001 - say why in the server's log; the first rank sees this process end
         log.exception("rank %d failed", spec.rank)
         sys.exit(1)
@@ -77,9 +78,10 @@ def run_torchrun(config: EngineConfig, place: TorchrunRank, max_model_len_of, lo
     _configure_logging(log_level, place.rank)
     config = rank_config(config, place.local_rank)
     try:
-        tp, channel = connect(place.rank, place.world_size, "env://", torch.device(config.device))
+        tp_stages, channel = connect(place.rank, place.world_size, "env://", torch.device(config.device),
+                                     config.pipeline_parallel_size)
         source = locate_model(config)
-        follow_first_rank(config, max_model_len_of(config, source.config), source, tp, channel)
+        follow_first_rank(config, max_model_len_of(config, source.config), source, tp_stages, channel)
     except Exception:  # noqa: BLE001
         log.exception("rank %d failed", place.rank)
         return 1

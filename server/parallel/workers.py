@@ -42,9 +42,9 @@ START_GRACE_S = 10.0  # before a dead worker ends the process, the first rank's 
 
 
 class Workers:
-    def __init__(self, tp: TensorParallel, channel: StepChannel | None,
+    def __init__(self, tp_stages: list[TensorParallel], channel: StepChannel | None,
                  processes: list[multiprocessing.Process] | None = None, local_rank: int = 0) -> None:
-        self.tp, self.channel = tp, channel
+        self.tp_stages, self.channel = tp_stages, channel  # the model's group of each pipeline stage
         self.local_rank = local_rank  # which of this host's GPUs the first rank uses
         self.processes = processes or []
         self.failure: str | None = None
@@ -75,8 +75,9 @@ class Workers:
             process.start()
             processes.append(process)
         log.info("started tensor-parallel ranks 1..%d (pids %s)", size - 1, ", ".join(str(p.pid) for p in processes))
-        workers = cls(TensorParallel(0, size), None, processes)  # watched from now on: a dead rank ends start-up
-        workers.tp, workers.channel = connect(0, size, init_method, torch.device(rank_config(config, 0).device))
+        workers = cls([], None, processes)  # watched from now on: a dead rank ends start-up
+        workers.tp_stages, workers.channel = connect(0, size, init_method, torch.device(rank_config(config, 0).device),
+                                                     config.pipeline_parallel_size)
         return workers
 
     @classmethod
@@ -84,8 +85,8 @@ class Workers:
         """Rank 0 of a torchrun launch; the others run server.parallel.worker.run_torchrun."""
         check_world_size(place, config.tensor_parallel_size)
         device = torch.device(rank_config(config, place.local_rank).device)
-        tp, channel = connect(place.rank, place.world_size, "env://", device)
-        return cls(tp, channel, local_rank=place.local_rank)
+        tp_stages, channel = connect(place.rank, place.world_size, "env://", device, config.pipeline_parallel_size)
+        return cls(tp_stages, channel, local_rank=place.local_rank)
 
     @classmethod
     def alone(cls, size: int) -> Workers:
@@ -95,7 +96,7 @@ class Workers:
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a process group")
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
-        return cls(TensorParallel(0, size, dist.group.WORLD), None)
+        return cls([TensorParallel(0, size, dist.group.WORLD)], None)
 
     # -- while serving ----------------------------------------------------------------------------
 
