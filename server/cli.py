@@ -1,4 +1,5 @@
-"""The `kvsplice` command: `serve` (here), the library's commands (estimate, calibrate, eval) and `bench`.
+"""The `kvsplice` command: `serve` (here), the library's commands (estimate, calibrate, eval), `bench`
+and `plan`.
 
 Every subcommand sets `func` (args -> exit status) with `set_defaults`, the convention shared
 with `kvsplice.cli.register_commands`.
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, get_args
 
 from kvsplice.cli import register_commands as register_library_commands
-from server import bench
+from server import bench, plan
 from server.settings import InvalidSettings, Settings, load_settings
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(subparsers)
     register_library_commands(subparsers)
     bench.register(subparsers)
+    plan.register(subparsers)
     for command in subparsers.choices.values():
         command.set_defaults(parser=command)  # main() reports stray arguments with this command's usage
     return parser

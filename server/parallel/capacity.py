@@ -66,13 +66,14 @@ def gpu_share(hf_config, layout: CacheLayout, tensor_parallel_size: int = 1, pip
     check_shardable(hf_config, tensor_parallel_size, expert_parallel)
     stages = split_layers(hf_config.num_hidden_layers, [torch.device("cuda", s) for s in range(pipeline_parallel_size)])
     layers_on_stage = layers_per_device(stages)
-    weights = max(_stage_weightmodule_bytes(hf_config, layout, rank, tensor_parallel_size, expert_parallel, dtype, stages)
-                  for rank in range(tensor_parallel_size))
+    # Rank 0 is the fullest: shards are equal (the last vocabulary shard is padded to the others'
+    # size), and expert parallelism deals the shared experts out from rank 0.
+    weights = _stage_weight_bytes(hf_config, layout, 0, tensor_parallel_size, expert_parallel, dtype, stages)
     return GpuShare(tensor_parallel_size, pipeline_parallel_size, expert_parallel and tensor_parallel_size > 1,
                     weights, layout.bytes_per_token_per_layer * max(layers_on_stage.values()))
 
 
-def _stage_weightmodule_bytes(hf_config, layout: CacheLayout, rank: int, size: int, expert_parallel: bool,
+def _stage_weight_bytes(hf_config, layout: CacheLayout, rank: int, size: int, expert_parallel: bool,
                         dtype: torch.dtype, stages: list[torch.device]) -> int:
     """The largest stage's parameter and buffer bytes for one tensor-parallel rank."""
     tp = TensorParallel(rank, size)  # shapes only: a meta model runs no collective
