@@ -505,7 +505,7 @@ def test_overlay_objects_fit_together(overlay: str, tmp_path: Path):
 
     # The server accepts the shipped config file, and it asks for as many GPUs as the pod gets.
     config = yaml.safe_load(config_map["data"][config_path.name])
-    assert config["pipeline_parallel_size"] == gpus
+    assert config.get("tensor_parallel_size", 1) * config.get("pipeline_parallel_size", 1) == gpus
     assert config["host"] == "0.0.0.0" and config["port"] == ports[service["spec"]["ports"][0]["targetPort"]]
     assert "DeepSeek-V2" in config["model"]
     path = tmp_path / config_path.name
