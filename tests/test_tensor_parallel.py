@@ -177,3 +177,33 @@ def test_capacity_arithmetic_matches_the_engine(checkpoint_dirs):
     assert one.weight_bytes > share.weight_bytes > one.weight_bytes / 2  # the latent path stays whole
     two_stages = gpu_share(config, layout, tensor_parallel_size=2, pipeline_parallel_size=2, dtype=torch.float32)
     assert two_stages.kv_bytes_per_token == layout.bytes_per_token // 2 and two_stages.num_gpus == 4
+
+
+def _channel_rank(rank: int, init_method: str, plans: list[StepPlan]) -> None:
+    from server.parallel.rendezvous import connect, disconnect
+
+    _, channel = connect(rank, 2, init_method, torch.device("cpu"))
+    try:
+        for plan in plans + [None]:
+            if rank == 0:
+                channel.send(plan)
+            else:
+                got = channel.receive()
+                assert (got is None) == (plan is None)
+                if plan is not None:
+                    assert [w.token_ids for w in got.work] == [w.token_ids for w in plan.work]
+        assert channel.agree_min(10 + rank) == 10
+    finally:
+        disconnect()
+
+
+def test_channel_carries_records_larger_than_its_buffer():
+    """A long prefill's record outgrows the one fixed broadcast and takes a second one."""
+    from server.parallel.channel import BUFFER_BYTES
+    from server.parallel.rendezvous import local_init_method
+
+    p = SamplingParams()
+    long = StepPlan([SeqWork("long", list(range(100_000, 100_000 + BUFFER_BYTES // 2)), 0, [1], True, True, p, 0)])
+    small = StepPlan([SeqWork("s", [7], 3, [], False, True, p, 0)])
+    assert len(encode(long)) > BUFFER_BYTES > len(encode(small))
+    torch.multiprocessing.spawn(_channel_rank, args=(local_init_method(), [small, long, small]), nprocs=2)

@@ -337,7 +337,7 @@ class ModelRunner:
         if not rows:
             return pending
         try:
-            logits = self.model.compute_logits(hidden[to_device(np.array(rows), self.device)])
+            logits = self.model.compute_logits(hidden[to_device(np.array(rows), hidden.device)])
         except Exception as exc:  # noqa: BLE001 - the lm_head is one batched op: its rows fail together
             if self.tp.size > 1:
                 raise  # the other ranks are inside the same collective: nothing to isolate

@@ -73,16 +73,17 @@ class StepChannel:
         return int(t.item())
 
     def _broadcast(self, data: bytes | None) -> bytes:
-        buffer = self.buffer
+        """The first rank's `data` on every rank (the others pass None)."""
+        buffer, room = self.buffer, BUFFER_BYTES - _HEADER
         if data is not None:
             buffer[:_HEADER].view(torch.int64)[0] = len(data)
-            if len(data) <= BUFFER_BYTES - _HEADER:
+            if len(data) <= room:
                 buffer[_HEADER:_HEADER + len(data)].numpy()[:] = np.frombuffer(data, dtype=np.uint8)
         dist.broadcast(buffer, src=self.source, group=self.group)
         length = int(buffer[:_HEADER].view(torch.int64)[0])
-        if length <= BUFFER_BYTES - _HEADER:
-            return buffer[_HEADER:_HEADER + length].numpy().tobytes()
-        big = (torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) if data is not None
-               else torch.empty(length, dtype=torch.uint8))
-        dist.broadcast(big, src=self.source, group=self.group)
-        return big.numpy().tobytes()
+        if length > room:  # a second broadcast of the whole record
+            big = (torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) if data is not None
+                   else torch.empty(length, dtype=torch.uint8))
+            dist.broadcast(big, src=self.source, group=self.group)
+            return data if data is not None else big.numpy().tobytes()
+        return data if data is not None else buffer[_HEADER:_HEADER + length].numpy().tobytes()
