@@ -3,8 +3,9 @@
 # call per part; everything lands in $OUT.
 #   bash scripts/gpu_tensor_parallel.sh lite   # GPU tests; V2-Lite shape: TP=1 now and before (.bench-old),
 #                                              # and rank 0 of TP=2 alone
-#   bash scripts/gpu_tensor_parallel.sh v2     # full DeepSeek-V2 shape: rank 0 of TP=8 alone (and of EP=8),
-#                                              # KV capacity per GPU at gpu_memory_utilization 0.9
+#   bash scripts/gpu_tensor_parallel.sh v2     # GPU tests of the TP path; full DeepSeek-V2 shape: rank 0 of
+#                                              # TP=8 alone (WITH_EP=1: and of EP=8), KV capacity per GPU
+#                                              # at gpu_memory_utilization 0.9
 # "Rank 0 alone" (`kvsplice bench --one-rank`): one GPU's shard, its collectives no-ops: that GPU's
 # compute and memory in the group, without the communication.
 # .bench-old: the tree before tensor parallelism, for the side-by-side TP=1 rows, made here with
@@ -39,11 +40,17 @@ lite)
     fi
     ;;
 v2)
+    step "GPU tests of the tensor-parallel path (one-rank NCCL group in graphs), graphs vs eager"
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py -k "nccl or graph_decode or two_ranks" \
+        > "$OUT/gpu_tests.log" 2>&1
+    tail -6 "$OUT/gpu_tests.log"
     v2=(--shape deepseek-v2 --gpu-memory-utilization 0.9 --tensor-parallel-size 8 --one-rank)
     step "DeepSeek-V2, rank 0 of TP=8 alone"
     bench "${v2[@]}" --ratios 1.0,0.5 --out "$OUT/v2_tp8_rank0.json" | tail -6
-    step "DeepSeek-V2, rank 0 of EP=8 alone"
-    bench "${v2[@]}" --enable-expert-parallel --ratios 0.5 --out "$OUT/v2_ep8_rank0.json" | tail -4
+    if [ -n "${WITH_EP:-}" ]; then
+        step "DeepSeek-V2, rank 0 of EP=8 alone"
+        bench "${v2[@]}" --enable-expert-parallel --ratios 0.5 --out "$OUT/v2_ep8_rank0.json" | tail -4
+    fi
     ;;
 esac
 step done
