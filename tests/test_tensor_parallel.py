@@ -207,3 +207,22 @@ def test_channel_carries_records_larger_than_its_buffer():
     small = StepPlan([SeqWork("s", [7], 3, [], False, True, p, 0)])
     assert len(encode(long)) > BUFFER_BYTES > len(encode(small))
     torch.multiprocessing.spawn(_channel_rank, args=(local_init_method(), [small, long, small]), nprocs=2)
+
+
+def test_plan_command_prints_what_each_gpu_holds():
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "server.cli", "plan", "--model-config", "deepseek-v2", "--tensor-parallel-size", "8,3",
+           "--pipeline-parallel-size", "1,2", "--compression-ratio", "1.0,0.5", "--gpu-memory-gib", "80", "--json"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    rows = {(r["pipeline_parallel_size"], r["compression_ratio"]): r for r in out["rows"]}
+    assert set(rows) == {(1, 1.0), (1, 0.5), (2, 1.0), (2, 0.5)}  # tp 3 cannot split 128 heads
+    assert any("tp 3 x pp 1" in line and "128 attention heads" in line for line in out["refused"])
+    for r in rows.values():
+        assert r["num_gpus"] == 8 * r["pipeline_parallel_size"]
+        assert r["kv_capacity_tokens"] == r["kv_budget_bytes"] // r["kv_bytes_per_token"]
+    assert rows[(2, 1.0)]["kv_bytes_per_token"] * 2 == rows[(1, 1.0)]["kv_bytes_per_token"] == 60 * 576 * 2
+    assert rows[(1, 0.5)]["kv_bytes_per_token"] == 60 * (256 + 64) * 2
+    assert 55e9 < rows[(1, 1.0)]["weight_bytes"] < 65e9  # 236B parameters / 8, plus what every rank keeps whole
