@@ -27,6 +27,7 @@ from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from server.engine.config import EngineConfig
 from server.parallel.channel import StepChannel
@@ -96,7 +97,7 @@ class Workers:
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a process group")
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
-        return cls([TensorParallel(0, size, dist.group.WORLD)], None)
+        return cls([AloneTensorParallel(0, size, dist.group.WORLD)], None)
 
     # -- while serving ----------------------------------------------------------------------------
 
@@ -143,6 +144,14 @@ class Workers:
         if self._on_failure is _exit_process and self._stopping.wait(START_GRACE_S):
             return  # the first rank failed too (a setting every rank refuses) and says why itself
         self._on_failure(self.failure)
+
+
+class AloneTensorParallel(TensorParallel):
+    """Rank 0 with no other rank: the other ranks' logit slices are zeros (the fake backend's gather
+    leaves its outputs as they were allocated, which may be anything, NaN included)."""
+
+    def gather_to_first(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x.new_zeros(*x.shape[:-1], x.shape[-1] * (self.size - 1))], dim=-1)
 
 
 def _exit_process(reason: str) -> None:
