@@ -48,12 +48,6 @@ def test_two_ranks_serve_what_one_serves(server, server_factory):
     assert "tensor_parallel_size 2" in sharded.log() and "rank 1 of 2 ready" in sharded.log()
 
 
-def test_expert_parallel_server(server, server_factory):
-    sharded = server_factory("--tensor-parallel-size", "2", "--enable-expert-parallel", "--device", "cpu")
-    r = generate(sharded.base_url, PROMPTS[1])
-    assert r.status_code == 200 and r.json()["token_ids"] == generate(server.base_url, PROMPTS[1]).json()["token_ids"]
-
-
 def test_a_dead_rank_ends_the_server_with_status_4(server_factory):
     sharded = server_factory("--tensor-parallel-size", "2", "--device", "cpu")
     (pid,) = worker_pids(sharded.log())
