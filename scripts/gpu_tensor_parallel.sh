@@ -46,7 +46,7 @@ v2)
     [ -f "$OUT/gpu_tests.log" ] && tail -6 "$OUT/gpu_tests.log"
     v2=(--shape deepseek-v2 --gpu-memory-utilization 0.9 --tensor-parallel-size 8 --one-rank)
     step "DeepSeek-V2, rank 0 of TP=8 alone"
-    bench "${v2[@]}" --ratios 1.0,0.5 --out "$OUT/v2_tp8_rank0.json" | tail -6
+    bench "${v2[@]}" --ratios "${V2_RATIOS:-1.0,0.5}" --out "$OUT/v2_tp8_rank0.json" | tail -6
     if [ -n "${WITH_EP:-}" ]; then
         step "DeepSeek-V2, rank 0 of EP=8 alone"
         bench "${v2[@]}" --enable-expert-parallel --ratios 0.5 --out "$OUT/v2_ep8_rank0.json" | tail -4
