@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() { echo "=== $* ($(date +%T))"; }
-bench() { timeout "${BENCH_TIMEOUT:-300}" python3 -m server.bench --skip-transformers --workload 512:128:1,64,256 "$@" \
+bench() { timeout "${BENCH_TIMEOUT:-300}" python3 -m server.bench --skip-transformers --workload "${BENCH_WORKLOAD:-512:128:1,64,256}" "$@" \
     2>&1 | grep -v "^Loading\|it/s\]" ; }
 
 step environment
