@@ -226,3 +226,17 @@ def test_plan_command_prints_what_each_gpu_holds():
     assert rows[(2, 1.0)]["kv_bytes_per_token"] * 2 == rows[(1, 1.0)]["kv_bytes_per_token"] == 60 * 576 * 2
     assert rows[(1, 0.5)]["kv_bytes_per_token"] == 60 * (256 + 64) * 2
     assert 55e9 < rows[(1, 1.0)]["weight_bytes"] < 65e9  # 236B parameters / 8, plus what every rank keeps whole
+
+
+def test_one_rank_alone_gathers_zeros_for_the_absent_ranks():
+    from server.parallel.workers import Workers
+
+    workers = Workers.alone(4)
+    try:
+        (tp,) = workers.tp_stages
+        logits = tp.gather_to_first(torch.ones(2, 3))
+        assert logits.shape == (2, 12) and logits[:, :3].eq(1).all() and logits[:, 3:].eq(0).all()
+        x = torch.ones(3)
+        assert tp.all_reduce(x) is x and x.eq(1).all()  # no other rank: nothing added
+    finally:
+        workers.stop()
