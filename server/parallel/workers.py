@@ -59,8 +59,8 @@ class Workers:
     @classmethod
     def spawn(cls, config: EngineConfig, max_model_len: int, source) -> Workers:
         """Start ranks 1..N-1 as processes of this host and join them as rank 0."""
-        size = config.tensor_parallel_size
-        if torch.device(rank_config(config, 0).device).type == "cuda":
+        size, device = config.tensor_parallel_size, torch.device(rank_config(config, 0).device)
+        if device.type == "cuda":
             needed = size * config.pipeline_parallel_size
             if torch.cuda.device_count() < needed:
                 raise ValueError(f"tensor_parallel_size={size} x pipeline_parallel_size={config.pipeline_parallel_size} "
@@ -77,8 +77,11 @@ class Workers:
             processes.append(process)
         log.info("started tensor-parallel ranks 1..%d (pids %s)", size - 1, ", ".join(str(p.pid) for p in processes))
         workers = cls([], None, processes)  # watched from now on: a dead rank ends start-up
-        workers.tp_stages, workers.channel = connect(0, size, init_method, torch.device(rank_config(config, 0).device),
-                                                     config.pipeline_parallel_size)
+        try:
+            workers.tp_stages, workers.channel = connect(0, size, init_method, device, config.pipeline_parallel_size)
+        except BaseException:
+            workers.abort()
+            raise
         return workers
 
     @classmethod
