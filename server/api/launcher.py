@@ -69,11 +69,10 @@ def serve(settings: Settings) -> int:
 
 def serve_torchrun_worker(settings: Settings, place) -> int:
     """A torchrun rank other than 0: no HTTP, it runs its shard of every step rank 0 schedules."""
-    from server.engine.llm_engine import resolve_max_model_len
     from server.parallel.worker import run_torchrun
 
     logger.info("torchrun rank %d of %d: following rank 0", place.rank, place.world_size)
-    return run_torchrun(settings.engine_config(), place, resolve_max_model_len, logging.getLogger().level)
+    return run_torchrun(settings.engine_config(), place, logging.getLogger().level)
 
 
 def check_max_model_len(settings: Settings) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_DEFAULT_MODEL_LEN = 8192
+
 
 @dataclass
 class EngineConfig:
@@ -36,3 +38,17 @@ class EngineConfig:
     chat_template: str | None = None  # a Jinja template, or a file holding one; None: the tokenizer's
     max_logprobs: int = 20  # the most log-probabilities per token a request may ask for
     seed: int = 0
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    """The configured length (refused beyond the model's positions), else the model's, capped.
+    Every tensor-parallel rank derives it the same way."""
+    from kvsplice.model_source import position_limit  # torch: not for the settings' import
+
+    limit, where = position_limit(hf_config)
+    if config.max_model_len is None:
+        return min(hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len: {config.max_model_len} is more than the model's {limit} positions "
+                         f"({where}); set it to at most {limit}")
+    return config.max_model_len

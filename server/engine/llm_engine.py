@@ -11,8 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from kvsplice.model_source import position_limit
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, resolve_max_model_len
 from server.engine.engine_core import EngineCore, EngineStats
 from server.engine.model_runner import locate_model
 from server.engine.output_processor import OutputProcessor
@@ -22,7 +21,6 @@ from server.engine.sequence import Sequence
 from server.parallel.workers import Workers
 
 log = logging.getLogger(__name__)
-MAX_DEFAULT_MODEL_LEN = 8192
 
 __all__ = ["EngineStats", "LLMEngine", "PromptRejected"]
 
@@ -64,17 +62,6 @@ def read_chat_template(value: str) -> str:
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"chat_template: not a valid Jinja template: {exc}") from exc
     return text
-
-
-def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
-    """The configured length (refused beyond the model's positions), else the model's, capped."""
-    limit, where = position_limit(hf_config)
-    if config.max_model_len is None:
-        return min(hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-    if config.max_model_len > limit:
-        raise ValueError(f"max_model_len: {config.max_model_len} is more than the model's {limit} positions "
-                         f"({where}); set it to at most {limit}")
-    return config.max_model_len
 
 
 class LLMEngine:

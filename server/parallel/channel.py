@@ -31,8 +31,8 @@ WireWork = tuple[str, list[int], int, list[int], bool, bool, int]
 def encode(plan: StepPlan | None) -> bytes:
     if plan is None:
         return pickle.dumps(STOP)
-    work = [(w.request_id, w.token_ids, w.start, w.new_blocks, w.resumed, w.sample, len(w.prompt_targets or ()))
-            for w in plan.work]
+    work: list[WireWork] = [(w.request_id, w.token_ids, w.start, w.new_blocks, w.resumed, w.sample,
+                             len(w.prompt_targets or ())) for w in plan.work]
     return pickle.dumps((work, plan.preempted, plan.finished), protocol=pickle.HIGHEST_PROTOCOL)
 
 

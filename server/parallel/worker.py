@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, resolve_max_model_len
 from server.engine.model_runner import ModelRunner, ModelSource, locate_model
 from server.parallel.channel import StepChannel
 from server.parallel.group import TensorParallel
@@ -68,7 +68,7 @@ def run_spawned(spec: WorkerSpec) -> None:
         disconnect()
 
 
-def run_torchrun(config: EngineConfig, place: TorchrunRank, max_model_len_of, log_level: int) -> int:
+def run_torchrun(config: EngineConfig, place: TorchrunRank, log_level: int) -> int:
     """A torchrun rank other than 0: find the model as rank 0 does, then follow it. Returns the exit status.
 
     A supervisor's SIGTERM (or a terminal's SIGINT) reaches every rank; only rank 0 acts on it (it
@@ -81,7 +81,7 @@ def run_torchrun(config: EngineConfig, place: TorchrunRank, max_model_len_of, lo
         tp_stages, channel = connect(place.rank, place.world_size, "env://", torch.device(config.device),
                                      config.pipeline_parallel_size)
         source = locate_model(config)
-        follow_first_rank(config, max_model_len_of(config, source.config), source, tp_stages, channel)
+        follow_first_rank(config, resolve_max_model_len(config, source.config), source, tp_stages, channel)
     except Exception:  # noqa: BLE001
         log.exception("rank %d failed", place.rank)
         return 1
